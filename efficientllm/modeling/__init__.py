@@ -1,0 +1,5 @@
+"""Placeholder until the heterogeneous model lands."""
+
+
+def register_auto_classes() -> None:
+    """Register the heterogeneous config/model with transformers' Auto classes."""
