@@ -180,7 +180,8 @@ def apply_drops_(
 ) -> ModelShape:
     """Remove everything in ``drops`` from ``model`` (an ``EfficientLLMForCausalLM`` whose shape
     is ``shape``) in place; slice ``optimizer`` state and ``accumulator`` vectors alike.
-    Returns the new shape (checked against the modules)."""
+    Returns the new shape (checked against the modules). No autograd graph of the model may be
+    alive (``del loss`` after ``backward``): its cached gradient accumulators keep old shapes."""
     from efficientllm.modeling import sync_config_
 
     new_shape = _check_result(shape, drops)

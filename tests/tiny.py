@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -48,3 +50,58 @@ def tiny_model(name: str, seed: int = 0, **overrides):
                 # random norms/biases so that slicing mistakes show up in the logits
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+WORDS = ("the a of and to in is was it he she they we you that his her not for on with as at "
+         "by but from this all were had have be one which their there when what said so out up "
+         "time day night house garden letter sister walk morning evening happy quiet").split()
+
+
+def tiny_text(seed: int, n_paragraphs: int = 30) -> str:
+    """Deterministic pseudo-English over a small alphabet (lowercase letters, space, '.')."""
+    rng = random.Random(seed)
+    paras = []
+    for _ in range(n_paragraphs):
+        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))) + "."
+                 for _ in range(rng.randint(2, 5))]
+        paras.append(" ".join(sents))
+    return "\n\n".join(paras)
+
+
+def tiny_tokenizer(vocab_size: int = 96):
+    """A BPE tokenizer trained locally on ``tiny_text`` (no hub), with <s>, </s>, <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([tiny_text(s) for s in range(5)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny_source(folder, name: str = "llama_gqa_tied", seed: int = 0, **overrides):
+    """A tiny 'uploaded' source model folder: safetensors + config.json + tokenizer."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    model = tiny_model(name, seed=seed, **overrides)
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_corpus(folder, n_docs: int = 6, n_paragraphs: int = 30):
+    """``n_docs`` text files of pseudo-English; returns their paths."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n_docs):
+        p = folder / f"doc{i}.txt"
+        p.write_text(tiny_text(100 + i, n_paragraphs), encoding="utf-8")
+        paths.append(p)
+    return paths

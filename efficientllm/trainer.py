@@ -1,0 +1,312 @@
+"""The pruning-aware pretraining loop (method.md).
+
+Keep pretraining the source model; accumulate saliency from each step's own gradients; every
+``prune_every`` steps remove, while the model is above the size trajectory, the groups with the
+lowest normalised saliency (physically, optimizer state included); once the budget is reached at
+the end of the pruning phase, train the fixed shape with a fresh warmup + cosine schedule.
+
+The trainer is injected with an event sink, a stop callback polled between steps, and an optional
+fault hook (tests of crash recovery); it resumes from the newest complete checkpoint in
+``<out_dir>/checkpoints`` when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from efficientllm import checkpoint as ckpt
+from efficientllm.budget import check_budget, parse_budget
+from efficientllm.config import RunConfig
+from efficientllm.decide import decide
+from efficientllm.errors import NonFiniteLossError
+from efficientllm.events import (
+    CheckpointSaved,
+    Evaluated,
+    EventSink,
+    Exported,
+    Failed,
+    Finished,
+    ListSink,
+    PhaseChanged,
+    Pruned,
+    RunStarted,
+    StepMetrics,
+    Stopped,
+)
+from efficientllm.groups import unit_cost
+from efficientllm.model_io import load_config_dict, load_model, load_tokenizer, shape_from_config
+from efficientllm.saliency import SaliencyAccumulator, compute_unit_scores
+from efficientllm.schedule import Plan, cosine_lr
+from efficientllm.shape import ModelShape
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    status: str
+    """finished | stopped"""
+    step: int
+    params: int
+    export_path: Path | None
+    losses: dict[int, float]
+    """Per-step training loss of this process (step number -> loss)."""
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    if cfg.train.device != "auto":
+        return torch.device(cfg.train.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def mean_normalised_saliency(scores, shape: ModelShape) -> dict[str, float]:
+    """Mean saliency per parameter of each group kind (the paper's trajectory plot)."""
+    out: dict[str, float] = {}
+    hd, d = shape.head_dim, shape.hidden_size
+    per_qhead = 2 * hd * d
+    out["hidden"] = float(scores.hidden.mean()) / unit_cost(shape, "hidden")
+    out["ffn"] = float(torch.cat(scores.ffn).mean()) / unit_cost(shape, "ffn", 0)
+    out["head"] = float(torch.cat(scores.q_head).mean()) / per_qhead
+    return out
+
+
+class Trainer:
+    """Runs one ``RunConfig`` to the end (or until ``should_stop`` returns True)."""
+
+    def __init__(self, cfg: RunConfig, *, sink: EventSink | None = None,
+                 should_stop: Callable[[], bool] | None = None,
+                 fault: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.sink = sink or ListSink()
+        self.should_stop = should_stop or (lambda: False)
+        self.fault = fault
+        self.out = Path(cfg.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+
+    # ---- setup ----------------------------------------------------------------------------
+    def _validate(self) -> tuple[ModelShape, int]:
+        from efficientllm.rundata import validate_sources
+
+        source = shape_from_config(load_config_dict(self.cfg.model.source))
+        budget = parse_budget(self.cfg.budget.target, source.num_params())
+        check_budget(source, budget, hidden_multiple=self.cfg.budget.hidden_multiple,
+                     ffn_multiple=self.cfg.budget.ffn_multiple)
+        validate_sources(self.cfg.data)
+        return source, budget
+
+    def _load(self, state: ckpt.Checkpoint | None):
+        if state is None:
+            return load_model(self.cfg.model.source)
+        from efficientllm.modeling import EfficientLLMConfig, EfficientLLMForCausalLM
+
+        config = EfficientLLMConfig.from_dict(state.state["model_config"])
+        model = EfficientLLMForCausalLM(config)
+        missing, unexpected = model.load_state_dict(state.model, strict=False)
+        allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if set(missing) - allowed or unexpected:
+            raise RuntimeError(f"checkpoint {state.path} does not fit: {missing} {unexpected}")
+        return model.eval()
+
+    # ---- one run --------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        try:
+            return self._run()
+        except Exception as err:
+            self.sink.emit(Failed(step=getattr(self, "step", 0), tokens=0, error=str(err),
+                                  error_type=type(err).__name__))
+            raise
+
+    def _run(self) -> RunResult:
+        from accelerate import Accelerator
+
+        from efficientllm.data import BlockSampler
+        from efficientllm.rundata import prepare
+
+        cfg, t = self.cfg, self.cfg.train
+        source, budget = self._validate()
+        if t.deterministic:
+            torch.set_num_threads(1)
+            torch.use_deterministic_algorithms(True)
+        device = _device(cfg)
+        bf16 = device.type == "cuda" and cfg.model.dtype != "float32"
+        accel = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        tokenizer = load_tokenizer(cfg.model.source)
+        data = prepare(cfg.data, tokenizer, seed=t.seed)
+        sampler = BlockSampler(data.train_blocks, batch_size=t.batch_size, seed=t.seed)
+        plan = Plan.make(total_tokens=t.total_tokens,
+                         tokens_per_step=t.batch_size * t.grad_accum * cfg.data.block_len,
+                         start_fraction=cfg.schedule.start_fraction,
+                         prune_fraction=cfg.schedule.prune_fraction)
+        ckpt.clean_partial(self.ckpt_dir)
+        state = ckpt.load_latest(self.ckpt_dir)
+        model = self._load(state).to(device)
+        params = [p for _, p in ckpt.unique_named_parameters(model)]
+        opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8,
+                                weight_decay=t.weight_decay)
+        acc = SaliencyAccumulator(mode=cfg.saliency.mode, beta=cfg.saliency.beta)
+        gen = torch.Generator().manual_seed(t.seed + 1)
+        self.step = 0
+        if state is not None:
+            ckpt.load_optimizer_tensors(model, opt, state.optimizer, state.state["optimizer_groups"])
+            acc.load_state_dict(state.saliency)
+            sampler.load_state_dict(state.state["sampler"])
+            ckpt.restore_rng(state.rng, state.state["python_rng"])
+            gen.set_state(state.rng["scorer"])
+            self.step = state.step
+        shape = shape_from_config(model.config.to_dict())
+        self.sink.emit(RunStarted(
+            step=self.step, tokens=self.step * plan.tokens_per_step,
+            source_params=source.num_params(), budget=budget, total_steps=plan.total_steps,
+            prune_end_step=plan.prune_end_step, shape=source.to_dict(), config=cfg.to_dict(),
+            resumed_from=state.step if state else None))
+        if state is None and t.eval_tokens:
+            self._evaluate(model, data.heldout, tokenizer, plan, "start")
+        losses: dict[int, float] = {}
+        last = time.perf_counter()
+        while self.step < plan.total_steps:
+            if self.should_stop():
+                self._checkpoint(model, opt, acc, sampler, gen, plan, shape)
+                self.sink.emit(Stopped(step=self.step, tokens=self.step * plan.tokens_per_step,
+                                       reason="stop requested"))
+                return RunResult("stopped", self.step, shape.num_params(), None, losses)
+            step = self.step
+            phase = plan.phase(step)
+            for g in opt.param_groups:
+                g["lr"] = self._lr(step, plan)
+            loss_sum = 0.0
+            for _ in range(t.grad_accum):
+                batch = next(sampler).to(device)
+                with accel.autocast():
+                    loss = model(batch, labels=batch).loss / t.grad_accum
+                accel.backward(loss)
+                loss_sum += loss.item()
+            del loss  # no graph may outlive the step: pruning changes parameter shapes
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLossError(
+                    f"loss became {loss_sum} at step {step}; lower train.lr or check the data")
+            pruning = plan.prune_start_step <= step < plan.prune_end_step
+            if pruning:
+                acc.update(compute_unit_scores(model, scorer=cfg.saliency.scorer, optimizer=opt,
+                                               fisher=cfg.saliency.fisher, generator=gen))
+            gnorm = None
+            if t.grad_clip > 0:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.step = step = step + 1
+            tokens = step * plan.tokens_per_step
+            losses[step] = loss_sum
+            target = plan.target(step, source=source.num_params(), budget=budget)
+            if pruning and (step % cfg.schedule.prune_every == 0 or step == plan.prune_end_step):
+                shape = self._prune(model, opt, acc, shape, target, step, tokens)
+                params = [p for _, p in ckpt.unique_named_parameters(model)]
+            now = time.perf_counter()
+            self.sink.emit(StepMetrics(
+                step=step, tokens=tokens, phase=phase, loss=loss_sum, lr=opt.param_groups[0]["lr"],
+                params=shape.num_params(), target_params=max(target, budget),
+                tokens_per_s=plan.tokens_per_step / max(now - last, 1e-9), grad_norm=gnorm))
+            last = now
+            if step == plan.prune_end_step:
+                self._evaluate(model, data.heldout, tokenizer, plan, "after_pruning")
+                if step < plan.total_steps:
+                    self.sink.emit(PhaseChanged(step=step, tokens=tokens, phase="recovery"))
+            elif t.eval_every and step % t.eval_every == 0 and step < plan.total_steps:
+                self._evaluate(model, data.heldout, tokenizer, plan, "step")
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < plan.total_steps:
+                self._checkpoint(model, opt, acc, sampler, gen, plan, shape)
+                last = time.perf_counter()
+        if plan.prune_end_step < plan.total_steps and t.eval_tokens:
+            self._evaluate(model, data.heldout, tokenizer, plan, "final")
+        path = self._export(model, tokenizer, plan, data.split)
+        self.sink.emit(Finished(step=self.step, tokens=self.step * plan.tokens_per_step,
+                                params=shape.num_params(), shape=shape.to_dict()))
+        return RunResult("finished", self.step, shape.num_params(), path, losses)
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def _lr(self, step: int, plan: Plan) -> float:
+        t = self.cfg.train
+        if step < plan.prune_end_step:
+            return cosine_lr(step, total=plan.prune_end_step, peak=t.lr, warmup=t.warmup_steps,
+                             min_ratio=t.min_lr_ratio)
+        return cosine_lr(step - plan.prune_end_step, total=plan.total_steps - plan.prune_end_step,
+                         peak=t.recovery_lr, warmup=t.warmup_steps, min_ratio=t.min_lr_ratio)
+
+    def _prune(self, model, opt, acc, shape: ModelShape, target: int, step: int,
+               tokens: int) -> ModelShape:
+        from efficientllm.prune import apply_drops_
+
+        before = shape.num_params()
+        if before <= target or acc.steps == 0:
+            return shape
+        b = self.cfg.budget
+        scores = acc.value()
+        decision = decide(scores, shape, target, granularity=b.granularity, kinds=b.kinds,
+                          hidden_multiple=b.hidden_multiple, ffn_multiple=b.ffn_multiple,
+                          tolerance=b.tolerance)
+        with torch.no_grad():
+            new = apply_drops_(model, shape, decision.drops, optimizer=opt, accumulator=acc)
+        if self.cfg.saliency.mode == "window":
+            acc.reset()
+        self.sink.emit(Pruned(step=step, tokens=tokens, params_before=before,
+                              params_after=new.num_params(), target_params=target,
+                              removed=decision.summary(),
+                              saliency=mean_normalised_saliency(scores, shape),
+                              shape=new.to_dict()))
+        return new
+
+    def _evaluate(self, model, heldout, tokenizer, plan: Plan, label: str) -> None:
+        from efficientllm.evaluate import perplexity
+
+        t = self.cfg.train
+        if not t.eval_tokens:
+            return
+        res = perplexity(model, heldout, block_len=self.cfg.data.block_len,
+                         max_tokens=t.eval_tokens, batch_size=t.batch_size)
+        model.train()
+        self.sink.emit(Evaluated(step=self.step, tokens=self.step * plan.tokens_per_step,
+                                 phase=plan.phase(max(self.step - 1, 0)), label=label,
+                                 ppl=res.ppl, loss=res.nll, protocol=res.protocol))
+
+    def _checkpoint(self, model, opt, acc, sampler, gen, plan: Plan, shape: ModelShape) -> None:
+        sal = acc.state_dict()
+        sal_state = {**sal}
+        state = {"tokens": self.step * plan.tokens_per_step, "sampler": sampler.state_dict(),
+                 "shape": shape.to_dict()}
+        path = ckpt.save(self.ckpt_dir, self.step, model=model, optimizer=opt,
+                         saliency=sal_state, state=state, keep=self.cfg.train.keep_checkpoints,
+                         fault=self.fault, extra_rng={"scorer": gen.get_state()})
+        self.sink.emit(CheckpointSaved(step=self.step, tokens=self.step * plan.tokens_per_step,
+                                       path=str(path)))
+
+    def _export(self, model, tokenizer, plan: Plan, split: dict) -> Path:
+        import json
+
+        from efficientllm.export import export_model
+
+        target = self.out / "export"
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)  # a previous attempt died after exporting; redo it whole
+        extra = {"run_config.json": json.dumps(self.cfg.to_dict(), indent=2),
+                 "data_split.json": json.dumps(split, indent=2)}
+        events = self.out / "events.jsonl"
+        if events.exists():
+            extra["events.jsonl"] = events.read_text(encoding="utf-8")
+        if self.fault:
+            self.fault("before_export")
+        res = export_model(model, target, tokenizer=tokenizer, fmt=self.cfg.export.format,
+                           extra_files=extra)
+        self.sink.emit(Exported(step=self.step, tokens=self.step * plan.tokens_per_step,
+                                path=str(res.path), format=res.fmt, params=res.num_params))
+        return Path(res.path)
