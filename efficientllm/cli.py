@@ -162,6 +162,91 @@ def demo_data() -> None:
     typer.echo(str(next(iter(books.values())).parent))
 
 
+@app.command()
+@_friendly
+def run(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML/JSON run config (see `efficientllm presets` and README).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Start from a named preset (tiny-debug, cpu-demo, gpu-...); the config file and flags override it.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Source model: hub id, local folder, or 'demo'.")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", "-d", help="Training text: files, folders, hub:<dataset>, demo:austen.")] = None,
+    heldout: Annotated[list[str] | None, typer.Option(help="Held-out text (default: split --data by document).")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", "-b", help="Final parameter count: 67M, 0.5B, 50%.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder: events.jsonl, checkpoints/, export/. Re-running resumes.")] = None,
+    total_tokens: Annotated[int | None, typer.Option(help="Training tokens, pruning + recovery.")] = None,
+    granularity: Annotated[GranularityOpt | None, typer.Option(help="uniform or global.")] = None,
+    scorer: Annotated[ScorerOpt | None, typer.Option(help="Saliency scorer.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    deterministic: Annotated[bool | None, typer.Option("--deterministic/--fast", help="Bitwise-reproducible CPU run (one thread).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Pruning-aware pretraining: train while pruning down to the budget, then recover; export."""
+    from efficientllm.config import read_config_dict
+    from efficientllm.events import JsonlSink, MultiSink
+    from efficientllm.presets import build_config, resolve_demo
+    from efficientllm.progress import ProgressSink
+    from efficientllm.trainer import Trainer
+
+    over: dict = {}
+    put = lambda sec, key, val: val is not None and over.setdefault(sec, {}).__setitem__(key, val)  # noqa: E731
+    put("model", "source", model)
+    put("data", "train", data)
+    put("data", "heldout", heldout)
+    put("budget", "target", budget)
+    put("budget", "granularity", granularity.value if granularity else None)
+    put("saliency", "scorer", scorer.value if scorer else None)
+    put("train", "total_tokens", total_tokens)
+    put("train", "device", device)
+    put("train", "deterministic", deterministic)
+    if out is not None:
+        over["out_dir"] = out
+    file_dict = read_config_dict(config) if config else None
+    cfg = resolve_demo(build_config(preset=preset, file_dict=file_dict, overrides=over))
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = JsonlSink(out_dir / "events.jsonl")
+    try:
+        result = Trainer(cfg, sink=MultiSink(ProgressSink(disable=quiet), jsonl)).run()
+    finally:
+        jsonl.close()
+    typer.echo(json.dumps({"status": result.status, "step": result.step, "params": result.params,
+                           "export": str(result.export_path) if result.export_path else None}))
+
+
+@app.command("eval")
+@_friendly
+def eval_cmd(
+    model: ModelOpt,
+    data: Annotated[list[Path], typer.Option("--data", "-d", help="Held-out text files or folders.")],
+    block_len: Annotated[int, typer.Option(help="Model input length per window (BOS included).", min=8)] = 512,
+    stride: Annotated[int | None, typer.Option(help="Window stride (default: no overlap).", min=1)] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Score only the first N tokens.", min=1)] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    bos: Annotated[bool, typer.Option("--bos/--no-bos", help="Prepend BOS to every window (not scored).")] = False,
+) -> None:
+    """Held-out perplexity of a model (hub id, folder or export), with its protocol."""
+    from efficientllm.data import read_documents, tokenize_documents
+    from efficientllm.evaluate import perplexity
+    from efficientllm.model_io import load_model, load_tokenizer
+
+    docs = read_documents(data)
+    m = load_model(model)
+    tok = load_tokenizer(model)
+    stream = tokenize_documents(docs, tok, add_bos=False)
+    res = perplexity(m, stream, block_len=block_len, stride=stride, max_tokens=max_tokens,
+                     batch_size=batch_size, bos_id=tok.bos_token_id if bos else None)
+    typer.echo(f"perplexity {res.ppl:.4f}  ({res.protocol})")
+    typer.echo(json.dumps(res.to_dict()))
+
+
+@app.command()
+def presets() -> None:
+    """List the named run presets."""
+    from efficientllm.presets import preset_help, preset_names
+
+    for name in preset_names():
+        typer.echo(f"{name:28s} {preset_help(name)}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -285,6 +285,11 @@ def validate(cfg: RunConfig) -> list[str]:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML or JSON file into a validated ``RunConfig``."""
+    return RunConfig.from_dict(read_config_dict(path))
+
+
+def read_config_dict(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a YAML or JSON config file (validated later, after merging)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
@@ -298,7 +303,9 @@ def load_config(path: str | Path) -> RunConfig:
             data = json.loads(text)
     except Exception as err:
         raise ConfigError(f"{path}: cannot parse ({err})") from None
-    return RunConfig.from_dict(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -1,0 +1,203 @@
+"""The pruning-aware loop on tiny models: trajectory, budget, events, granularity, stop, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import save_tiny_corpus, save_tiny_source
+
+from efficientllm.events import (
+    CheckpointSaved,
+    Evaluated,
+    Exported,
+    Finished,
+    ListSink,
+    PhaseChanged,
+    Pruned,
+    RunStarted,
+    StepMetrics,
+    Stopped,
+    read_events,
+)
+from efficientllm.export import load_exported
+from efficientllm.presets import build_config
+from efficientllm.schedule import Plan
+from efficientllm.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("assets")
+    src = save_tiny_source(d / "src", "llama_gqa_tied")
+    docs = save_tiny_corpus(d / "corpus")
+    return src, docs
+
+
+def _cfg(assets, out: Path, **over):
+    src, docs = assets
+    base = {"model": {"source": str(src)}, "data": {"train": [str(p) for p in docs]},
+            "out_dir": str(out)}
+    for section, values in over.items():
+        base.setdefault(section, {}).update(values)
+    return build_config(preset="tiny-debug", overrides=base)
+
+
+@pytest.mark.parametrize("granularity", ["global", "uniform"])
+def test_trajectory_budget_events(assets, tmp_path, granularity) -> None:
+    cfg = _cfg(assets, tmp_path / "run", budget={"granularity": granularity})
+    sink = ListSink()
+    result = Trainer(cfg, sink=sink).run()
+    started = sink.of(RunStarted)[0]
+    budget, source = started.budget, started.source_params
+    plan = Plan.make(total_tokens=cfg.train.total_tokens, tokens_per_step=4 * 32,
+                     start_fraction=0.0, prune_fraction=0.5)
+    steps = sink.of(StepMetrics)
+    assert [s.step for s in steps] == list(range(1, plan.total_steps + 1))
+    assert all(torch.isfinite(torch.tensor(s.loss)) for s in steps)
+    tol = cfg.budget.tolerance
+    for s in steps:  # follows the trajectory: at or below target right after each event
+        target = plan.target(s.step, source=source, budget=budget)
+        if s.step % cfg.schedule.prune_every == 0 or s.step >= plan.prune_end_step:
+            assert s.params <= max(target, budget), s
+    end = next(s for s in steps if s.step == plan.prune_end_step)
+    assert budget * (1 - tol) <= end.params <= budget  # exactly when the pruning phase ends
+    before = next(s for s in steps if s.step == plan.prune_end_step - 1)
+    assert before.params > budget  # ... and not earlier
+    assert all(s.params == end.params for s in steps if s.step >= plan.prune_end_step)
+    assert result.params == end.params
+    pruned = sink.of(Pruned)
+    assert pruned and all(p.params_after <= p.target_params for p in pruned)
+    shapes = [p.shape["layers"] for p in pruned]
+    if granularity == "uniform":
+        assert all(len({json.dumps(x) for x in layers}) == 1 for layers in shapes)
+    # order of the stream
+    kinds = [type(e).__name__ for e in sink.events]
+    assert kinds[0] == "RunStarted" and kinds[-1] == "Finished" and kinds[-2] == "Exported"
+    labels = [e.label for e in sink.of(Evaluated)]
+    assert labels == ["start", "after_pruning", "final"]
+    assert sink.of(PhaseChanged)[0].step == plan.prune_end_step
+    ev_steps = [e.step for e in sink.events]
+    assert ev_steps == sorted(ev_steps)
+    # the export reloads with the same count
+    model = load_exported(result.export_path)
+    assert sum(p.numel() for p in model.parameters()) == end.params
+    assert sink.of(Exported)[0].params == end.params
+
+
+def test_global_mode_can_make_layers_differ(assets, tmp_path) -> None:
+    cfg = _cfg(assets, tmp_path / "run", budget={"granularity": "global"})
+    sink = ListSink()
+    Trainer(cfg, sink=sink).run()
+    final = sink.of(Finished)[0].shape["layers"]
+    assert len({json.dumps(x) for x in final}) > 1  # heterogeneous widths
+
+
+def test_stop_checkpoints_and_rerun_continues(assets, tmp_path) -> None:
+    cfg = _cfg(assets, tmp_path / "run", train={"deterministic": True})
+    calls = {"n": 0}
+
+    def stop_after_7() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 7
+
+    sink = ListSink()
+    res = Trainer(cfg, sink=sink, should_stop=stop_after_7).run()
+    assert res.status == "stopped" and res.step == 7
+    assert sink.of(Stopped)[0].step == 7
+    assert sink.of(CheckpointSaved)[-1].step == 7
+    sink2 = ListSink()
+    res2 = Trainer(cfg, sink=sink2).run()
+    assert sink2.of(RunStarted)[0].resumed_from == 7
+    assert res2.status == "finished" and min(res2.losses) == 8
+
+
+def test_corrupt_newest_checkpoint_is_skipped(assets, tmp_path, caplog) -> None:
+    cfg = _cfg(assets, tmp_path / "run", train={"checkpoint_every": 5})
+    calls = {"n": 0}
+
+    def stop_after_12() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 12
+
+    Trainer(cfg, sink=ListSink(), should_stop=stop_after_12).run()
+    newest = tmp_path / "run" / "checkpoints" / "step-000012"
+    (newest / "rng.safetensors").write_bytes(b"garbage")
+    (tmp_path / "run" / "checkpoints" / ".tmp-step-000013-1").mkdir()
+    sink = ListSink()
+    with caplog.at_level("WARNING"):
+        Trainer(cfg, sink=sink).run()
+    assert sink.of(RunStarted)[0].resumed_from == 10
+    assert "step-000012" in caplog.text
+    assert not (tmp_path / "run" / "checkpoints" / ".tmp-step-000013-1").exists()
+
+
+def _run_cli(cfg_path: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "efficientllm.cli", "run", "--config",
+                             str(cfg_path), "--quiet"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _losses(events_path: Path, after: int = 0) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for e in read_events(events_path):
+        if isinstance(e, StepMetrics) and e.step > after:
+            out[e.step] = e.loss
+    return out
+
+
+def test_sigkill_resume_matches_uninterrupted_run(assets, tmp_path) -> None:
+    """A deterministic run killed with SIGKILL and restarted continues the same loss curve and
+    ends with bitwise the same model as an uninterrupted run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    over = {"train": {"deterministic": True, "total_tokens": 32 * 4 * 80, "checkpoint_every": 5,
+                      "eval_tokens": 0}}
+    cfgs = {}
+    for name in ("ref", "killed"):
+        cfg = _cfg(assets, tmp_path / name, **over)
+        cfgs[name] = tmp_path / f"{name}.json"
+        cfgs[name].write_text(json.dumps(cfg.to_dict()))
+    ref = _run_cli(cfgs["ref"], env)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
+
+    proc = _run_cli(cfgs["killed"], env)
+    events = tmp_path / "killed" / "events.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if events.exists() and any(isinstance(e, CheckpointSaved) and e.step >= 10
+                                   for e in read_events(events)):
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not any(isinstance(e, Finished) for e in read_events(events)), "run ended before kill"
+    killed_at = max(_losses(events))
+    resumed = _run_cli(cfgs["killed"], env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    starts = [e for e in read_events(events) if isinstance(e, RunStarted)]
+    assert len(starts) == 2 and starts[1].resumed_from is not None
+    resume_step = starts[1].resumed_from
+    assert 10 <= resume_step <= killed_at
+    ref_losses = _losses(tmp_path / "ref" / "events.jsonl")
+    after: dict[int, float] = {}
+    seen_second = False
+    for e in read_events(events):  # losses emitted by the resumed process only
+        if isinstance(e, RunStarted) and e.resumed_from is not None:
+            seen_second = True
+        elif seen_second and isinstance(e, StepMetrics):
+            after[e.step] = e.loss
+    assert sorted(after) == list(range(resume_step + 1, 81))
+    assert all(after[s] == ref_losses[s] for s in after), "loss curve differs after resume"
+    a = load_file(tmp_path / "ref" / "export" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
