@@ -132,6 +132,13 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         source, budget = self._validate()
+        done = self.out / "result.json"
+        if done.is_file():  # re-running a finished run is a no-op
+            import json
+
+            r = json.loads(done.read_text(encoding="utf-8"))
+            log.warning("run in %s already finished; delete the folder to start over", self.out)
+            return RunResult("finished", r["step"], r["params"], Path(r["export"]), {})
         if t.deterministic:
             torch.set_num_threads(1)
             torch.use_deterministic_algorithms(True)
@@ -228,6 +235,10 @@ class Trainer:
         if plan.prune_end_step < plan.total_steps and t.eval_tokens:
             self._evaluate(model, data.heldout, tokenizer, plan, "final")
         path = self._export(model, tokenizer, plan, data.split)
+        import json
+
+        done.write_text(json.dumps({"step": self.step, "params": shape.num_params(),
+                                    "export": str(path)}), encoding="utf-8")
         self.sink.emit(Finished(step=self.step, tokens=self.step * plan.tokens_per_step,
                                 params=shape.num_params(), shape=shape.to_dict()))
         return RunResult("finished", self.step, shape.num_params(), path, losses)
