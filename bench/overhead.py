@@ -60,24 +60,39 @@ def step_overhead(source: str, batches: list[torch.Tensor], reps: int) -> dict:
         plain.append(_step(model, opt, b, None))
         sal.append(_step(model, opt, b, acc))
     mp, ms = statistics.median(plain), statistics.median(sal)
-    return {"plain_s": mp, "saliency_s": ms, "ratio": ms / mp, "reps": reps,
-            "plain_all": plain, "saliency_all": sal}
+    return {
+        "plain_s": mp,
+        "saliency_s": ms,
+        "ratio": ms / mp,
+        "reps": reps,
+        "plain_all": plain,
+        "saliency_all": sal,
+    }
 
 
-def whole_run(source: str, train_files: list[str], steps: int, block_len: int,
-              batch_size: int) -> dict:
+def whole_run(
+    source: str, train_files: list[str], steps: int, block_len: int, batch_size: int
+) -> dict:
     tokens = steps * batch_size * block_len
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = build_config(overrides={
-            "model": {"source": source},
-            "data": {"train": train_files, "heldout_fraction": 0.1, "block_len": block_len},
-            "budget": {"target": "50%"},
-            "schedule": {"prune_fraction": 0.5, "prune_every": 2},
-            "train": {"total_tokens": tokens, "batch_size": batch_size, "lr": 1e-4,
-                      "recovery_lr": 1e-4, "warmup_steps": 2, "eval_tokens": 0,
-                      "checkpoint_every": 0},
-            "out_dir": tmp,
-        })
+        cfg = build_config(
+            overrides={
+                "model": {"source": source},
+                "data": {"train": train_files, "heldout_fraction": 0.1, "block_len": block_len},
+                "budget": {"target": "50%"},
+                "schedule": {"prune_fraction": 0.5, "prune_every": 2},
+                "train": {
+                    "total_tokens": tokens,
+                    "batch_size": batch_size,
+                    "lr": 1e-4,
+                    "recovery_lr": 1e-4,
+                    "warmup_steps": 2,
+                    "eval_tokens": 0,
+                    "checkpoint_every": 0,
+                },
+                "out_dir": tmp,
+            }
+        )
         sink = ListSink()
         trainer = Trainer(cfg, sink=sink)
         trainer.run()
@@ -96,9 +111,15 @@ def whole_run(source: str, train_files: list[str], steps: int, block_len: int,
         plain = 0.0
         for _ in range(steps):
             plain += _step(model, opt, next(sampler), None, clip=True)
-    return {"steps": steps, "tokens": tokens, "pruning_aware_s": pat, "plain_s": plain,
-            "ratio": pat / plain, "final_params": final_params,
-            "source_params": sum(p.numel() for p in model.parameters())}
+    return {
+        "steps": steps,
+        "tokens": tokens,
+        "pruning_aware_s": pat,
+        "plain_s": plain,
+        "ratio": pat / plain,
+        "final_params": final_params,
+        "source_params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main() -> None:
@@ -118,13 +139,19 @@ def main() -> None:
     tok = load_tokenizer(source)
     stream = tokenize_documents(read_documents(train_files[:1]), tok, add_bos=False)
     blocks = pack_blocks(stream, args.block_len)
-    batches = [blocks[i:i + args.batch_size] for i in range(0, 8 * args.batch_size,
-                                                              args.batch_size)]
+    batches = [
+        blocks[i : i + args.batch_size] for i in range(0, 8 * args.batch_size, args.batch_size)
+    ]
     t0 = time.time()
-    res = {"model": args.model, "threads": args.threads, "block_len": args.block_len,
-           "batch_size": args.batch_size, "torch": torch.__version__,
-           "step": step_overhead(source, copy.copy(batches), args.reps),
-           "run": whole_run(source, train_files, args.steps, args.block_len, args.batch_size)}
+    res = {
+        "model": args.model,
+        "threads": args.threads,
+        "block_len": args.block_len,
+        "batch_size": args.batch_size,
+        "torch": torch.__version__,
+        "step": step_overhead(source, copy.copy(batches), args.reps),
+        "run": whole_run(source, train_files, args.steps, args.block_len, args.batch_size),
+    }
     res["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,11 +159,15 @@ def main() -> None:
     s, r = res["step"], res["run"]
     print("| measurement | plain | pruning-aware | ratio |")
     print("|---|---|---|---|")
-    print(f"| one step, same shape (median of {s['reps']}) | {s['plain_s']:.2f} s | "
-          f"{s['saliency_s']:.2f} s | {s['ratio']:.3f}x |")
-    print(f"| whole run, {r['steps']} steps / {r['tokens']:,} tokens "
-          f"({r['source_params']:,} -> {r['final_params']:,} params) | {r['plain_s']:.1f} s | "
-          f"{r['pruning_aware_s']:.1f} s | {r['ratio']:.3f}x |")
+    print(
+        f"| one step, same shape (median of {s['reps']}) | {s['plain_s']:.2f} s | "
+        f"{s['saliency_s']:.2f} s | {s['ratio']:.3f}x |"
+    )
+    print(
+        f"| whole run, {r['steps']} steps / {r['tokens']:,} tokens "
+        f"({r['source_params']:,} -> {r['final_params']:,} params) | {r['plain_s']:.1f} s | "
+        f"{r['pruning_aware_s']:.1f} s | {r['ratio']:.3f}x |"
+    )
 
 
 if __name__ == "__main__":

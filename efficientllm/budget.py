@@ -64,8 +64,13 @@ def effective_multiple(width: int, multiple: int) -> int:
     return multiple if width >= 2 * multiple else 1
 
 
-def smallest_shape(shape: ModelShape, *, hidden_multiple: int = 8, ffn_multiple: int = 8,
-                   allow_layer_removal: bool = False) -> ModelShape:
+def smallest_shape(
+    shape: ModelShape,
+    *,
+    hidden_multiple: int = 8,
+    ffn_multiple: int = 8,
+    allow_layer_removal: bool = False,
+) -> ModelShape:
     """The smallest legal shape: one KV group with one query head, the minimal FFN and hidden
     widths in every layer (and one layer when layers may be removed)."""
     mh = effective_multiple(shape.hidden_size, hidden_multiple)
@@ -133,16 +138,22 @@ def _heads_for(ly: LayerShape, r: float) -> tuple[int, int]:
     best = None
     for kv in range(1, ly.num_kv_heads + 1):
         for g in range(1, ly.heads_per_group + 1):
-            err = abs(kv * g - r * ly.num_heads), -kv, abs(kv / ly.num_kv_heads - g / ly.heads_per_group)
+            err = (
+                abs(kv * g - r * ly.num_heads),
+                -kv,
+                abs(kv / ly.num_kv_heads - g / ly.heads_per_group),
+            )
             if best is None or err < best[0]:
                 best = (err, kv * g, kv)
     assert best is not None
     return best[1], best[2]
 
 
-def _fill_ffn(shape: ModelShape, d: int, heads: int, kv: int, budget: int, mf: int,
-              max_ffn: int) -> ModelShape | None:
+def _fill_ffn(
+    shape: ModelShape, d: int, heads: int, kv: int, budget: int, mf: int, max_ffn: int
+) -> ModelShape | None:
     """The largest uniform FFN width (a multiple of ``mf``) that keeps the count <= budget."""
+
     def build(ffn: int) -> ModelShape:
         ly = LayerShape(num_heads=heads, num_kv_heads=kv, intermediate_size=ffn)
         return shape.with_hidden(d).with_layers([ly] * shape.num_layers)
@@ -156,9 +167,15 @@ def _fill_ffn(shape: ModelShape, d: int, heads: int, kv: int, budget: int, mf: i
     return build(ffn)
 
 
-def plan(source: ModelShape, budget: int, *, granularity: Granularity = "uniform",
-         hidden_multiple: int = 8, ffn_multiple: int = 8,
-         tolerance: float = DEFAULT_TOLERANCE) -> Plan:
+def plan(
+    source: ModelShape,
+    budget: int,
+    *,
+    granularity: Granularity = "uniform",
+    hidden_multiple: int = 8,
+    ffn_multiple: int = 8,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> Plan:
     """Predict a shape of at most ``budget`` parameters (see module docstring).
 
     Every width shrinks by about the same ratio r (hidden, heads, FFN), rounded to the multiples;
@@ -185,7 +202,9 @@ def plan(source: ModelShape, budget: int, *, granularity: Granularity = "uniform
             continue
         gap = (budget - cand.num_params()) / budget
         ffn_r = cand.layers[0].intermediate_size / ly0.intermediate_size
-        balance = abs(ffn_r - d / source.hidden_size) + abs(heads / ly0.num_heads - d / source.hidden_size)
+        balance = abs(ffn_r - d / source.hidden_size) + abs(
+            heads / ly0.num_heads - d / source.hidden_size
+        )
         vanilla = d % heads == 0
         key = (gap > tolerance, 0 if vanilla else 1, round(balance, 2), gap)
         candidates.append((key, cand))
@@ -196,13 +215,23 @@ def plan(source: ModelShape, budget: int, *, granularity: Granularity = "uniform
     notes = []
     if granularity == "global":
         best = _spread_leftover(best, budget, mf, ly0.intermediate_size)
-        notes.append("global: the trainer chooses per-layer widths by saliency; this plan shows "
-                     "a reference shape with the same count")
-    result = Plan(source=source, shape=best, budget=budget, granularity=granularity,
-                  tolerance=tolerance, notes=notes)
+        notes.append(
+            "global: the trainer chooses per-layer widths by saliency; this plan shows "
+            "a reference shape with the same count"
+        )
+    result = Plan(
+        source=source,
+        shape=best,
+        budget=budget,
+        granularity=granularity,
+        tolerance=tolerance,
+        notes=notes,
+    )
     if result.gap > tolerance:
-        notes.append(f"rounding to multiples of {mh}/{mf} leaves the count {result.gap:.2%} "
-                     f"below the budget (tolerance {tolerance:.2%}); use smaller multiples")
+        notes.append(
+            f"rounding to multiples of {mh}/{mf} leaves the count {result.gap:.2%} "
+            f"below the budget (tolerance {tolerance:.2%}); use smaller multiples"
+        )
     return result
 
 
@@ -212,9 +241,12 @@ def _spread_leftover(shape: ModelShape, budget: int, mf: int, max_ffn: int) -> M
         ly = layers[i]
         if ly.intermediate_size + mf > max_ffn:
             continue
-        bigger = LayerShape(num_heads=ly.num_heads, num_kv_heads=ly.num_kv_heads,
-                            intermediate_size=ly.intermediate_size + mf)
-        trial = shape.with_layers(layers[:i] + [bigger] + layers[i + 1:])
+        bigger = LayerShape(
+            num_heads=ly.num_heads,
+            num_kv_heads=ly.num_kv_heads,
+            intermediate_size=ly.intermediate_size + mf,
+        )
+        trial = shape.with_layers(layers[:i] + [bigger] + layers[i + 1 :])
         if trial.num_params() > budget:
             break
         layers[i] = bigger

@@ -26,8 +26,13 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
-FILES = ("model.safetensors", "optimizer.safetensors", "saliency.safetensors", "rng.safetensors",
-         "state.json")
+FILES = (
+    "model.safetensors",
+    "optimizer.safetensors",
+    "saliency.safetensors",
+    "rng.safetensors",
+    "state.json",
+)
 
 
 def _sha256(path: Path) -> str:
@@ -67,8 +72,9 @@ def optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], list[d
     return tensors, groups
 
 
-def load_optimizer_tensors(model, optimizer, tensors: dict[str, torch.Tensor],
-                           groups: list[dict[str, Any]]) -> None:
+def load_optimizer_tensors(
+    model, optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]
+) -> None:
     params = dict(unique_named_parameters(model))
     for full, value in tensors.items():
         name, key = full.split("::", 1)
@@ -108,9 +114,18 @@ class Checkpoint:
     rng: dict[str, torch.Tensor]
 
 
-def save(root: str | Path, step: int, *, model, optimizer, saliency: dict[str, torch.Tensor],
-         state: dict[str, Any], keep: int = 2, fault: Any = None,
-         extra_rng: dict[str, torch.Tensor] | None = None) -> Path:
+def save(
+    root: str | Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    saliency: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int = 2,
+    fault: Any = None,
+    extra_rng: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write checkpoint ``step`` atomically under ``root``; keep the newest ``keep``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -121,15 +136,21 @@ def save(root: str | Path, step: int, *, model, optimizer, saliency: dict[str, t
     weights = {n: p.detach().cpu().contiguous() for n, p in unique_named_parameters(model)}
     opt_tensors, groups = optimizer_tensors(model, optimizer)
     py = random.getstate()
-    full_state = {**state, "step": step, "optimizer_groups": groups,
-                  "python_rng": [py[0], list(py[1]), py[2]],
-                  "model_config": model.config.to_dict()}
+    full_state = {
+        **state,
+        "step": step,
+        "optimizer_groups": groups,
+        "python_rng": [py[0], list(py[1]), py[2]],
+        "model_config": model.config.to_dict(),
+    }
     save_file(weights, tmp / "model.safetensors")
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     if fault:
         fault("ckpt_mid_write")
-    save_file({k: v.detach().cpu().contiguous() for k, v in saliency.items()},
-              tmp / "saliency.safetensors")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in saliency.items()},
+        tmp / "saliency.safetensors",
+    )
     save_file({**rng_tensors(), **(extra_rng or {})}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps(full_state, default=str), encoding="utf-8")
     for f in FILES:
@@ -194,7 +215,9 @@ def load_latest(root: str | Path) -> Checkpoint | None:
         try:
             state = json.loads((path / "state.json").read_text(encoding="utf-8"))
             return Checkpoint(
-                path=path, step=int(state["step"]), state=state,
+                path=path,
+                step=int(state["step"]),
+                state=state,
                 model=load_file(path / "model.safetensors"),
                 optimizer=load_file(path / "optimizer.safetensors"),
                 saliency=load_file(path / "saliency.safetensors"),

@@ -58,11 +58,37 @@ def _friendly(fn):
     return wrapper
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id (org/name) or a local model folder with config.json and *.safetensors.")]
-BudgetOpt = Annotated[str, typer.Option("--budget", "-b", help="Target parameter count: 67M, 0.5B, 67000000, or a ratio of the source like 50%.")]
-GranOpt = Annotated[GranularityOpt, typer.Option("--granularity", "-g", help="uniform: every layer keeps the same widths. global: widths per layer chosen by saliency.")]
-HiddenMulOpt = Annotated[int, typer.Option(help="Round the hidden width to a multiple of this (1 = no rounding).", min=1)]
-FfnMulOpt = Annotated[int, typer.Option(help="Round FFN widths to a multiple of this (1 = no rounding).", min=1)]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hub id (org/name) or a local model folder with config.json and *.safetensors.",
+    ),
+]
+BudgetOpt = Annotated[
+    str,
+    typer.Option(
+        "--budget",
+        "-b",
+        help="Target parameter count: 67M, 0.5B, 67000000, or a ratio of the source like 50%.",
+    ),
+]
+GranOpt = Annotated[
+    GranularityOpt,
+    typer.Option(
+        "--granularity",
+        "-g",
+        help="uniform: every layer keeps the same widths. "
+        "global: widths per layer chosen by saliency.",
+    ),
+]
+HiddenMulOpt = Annotated[
+    int, typer.Option(help="Round the hidden width to a multiple of this (1 = no rounding).", min=1)
+]
+FfnMulOpt = Annotated[
+    int, typer.Option(help="Round FFN widths to a multiple of this (1 = no rounding).", min=1)
+]
 
 
 def _layer_rows(shape) -> list[str]:
@@ -72,8 +98,10 @@ def _layer_rows(shape) -> list[str]:
         if i == len(layers) or layers[i] != layers[start]:
             ly = layers[start]
             span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
-            rows.append(f"  layers {span:>7}: heads {ly.num_heads:>3} / kv {ly.num_kv_heads:>2}   "
-                        f"ffn {ly.intermediate_size:>6}")
+            rows.append(
+                f"  layers {span:>7}: heads {ly.num_heads:>3} / kv {ly.num_kv_heads:>2}   "
+                f"ffn {ly.intermediate_size:>6}"
+            )
             start = i
     return rows
 
@@ -88,23 +116,29 @@ def plan(
     ffn_multiple: FfnMulOpt = 8,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Predict the per-layer shape and exact parameter count for a budget (reads config.json only)."""
+    """Predict the per-layer shape and exact parameter count for a budget (config.json only)."""
     from efficientllm.budget import format_params, parse_budget
     from efficientllm.budget import plan as make_plan
     from efficientllm.model_io import source_shape
 
     source = source_shape(model)
     target = parse_budget(budget, source.num_params())
-    p = make_plan(source, target, granularity=granularity.value, hidden_multiple=hidden_multiple,
-                  ffn_multiple=ffn_multiple)
+    p = make_plan(
+        source,
+        target,
+        granularity=granularity.value,
+        hidden_multiple=hidden_multiple,
+        ffn_multiple=ffn_multiple,
+    )
     if as_json:
         typer.echo(json.dumps(p.to_dict(), indent=2))
         return
     typer.echo(f"source  {source.describe()}  {source.num_params():,} params")
     typer.echo(f"budget  {target:,} ({format_params(target)})  granularity {granularity.value}")
-    typer.echo(f"plan    {p.shape.describe()}  {p.num_params:,} params "
-               f"({p.gap:.3%} below budget)")
-    typer.echo(f"  hidden {p.shape.hidden_size} (source {source.hidden_size}), head_dim {p.shape.head_dim}")
+    typer.echo(f"plan    {p.shape.describe()}  {p.num_params:,} params ({p.gap:.3%} below budget)")
+    typer.echo(
+        f"  hidden {p.shape.hidden_size} (source {source.hidden_size}), head_dim {p.shape.head_dim}"
+    )
     for row in _layer_rows(p.shape):
         typer.echo(row)
     for note in p.notes:
@@ -115,29 +149,72 @@ def plan(
 @_friendly
 def prune_oneshot(
     model: ModelOpt,
-    data: Annotated[list[Path], typer.Option("--data", "-d", help="Text files or folders (.txt/.md/.jsonl/.parquet) for calibration (and held-out text unless --heldout is given).")],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            "--data",
+            "-d",
+            help="Text files or folders (.txt/.md/.jsonl/.parquet) for calibration "
+            "(and held-out text unless --heldout is given).",
+        ),
+    ],
     budget: BudgetOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the pruned model to (must not exist yet).")],
-    heldout: Annotated[list[Path] | None, typer.Option(help="Held-out text files for perplexity. Default: 10% of --data documents, split by document.")] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Folder to write the pruned model to (must not exist yet)."
+        ),
+    ],
+    heldout: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Held-out text files for perplexity. "
+            "Default: 10% of --data documents, split by document."
+        ),
+    ] = None,
     granularity: GranOpt = GranularityOpt.global_,
-    scorer: Annotated[ScorerOpt, typer.Option(help="Saliency: taylor1 |w*g|, taylor_mix, magnitude |w|, random.")] = ScorerOpt.taylor1,
-    calib_batches: Annotated[int, typer.Option(help="Calibration batches to score groups on.", min=1)] = 8,
+    scorer: Annotated[
+        ScorerOpt, typer.Option(help="Saliency: taylor1 |w*g|, taylor_mix, magnitude |w|, random.")
+    ] = ScorerOpt.taylor1,
+    calib_batches: Annotated[
+        int, typer.Option(help="Calibration batches to score groups on.", min=1)
+    ] = 8,
     batch_size: Annotated[int, typer.Option(help="Blocks per calibration/eval batch.", min=1)] = 2,
     block_len: Annotated[int, typer.Option(help="Tokens per block.", min=8)] = 256,
-    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens to score for perplexity (0 = skip).", min=0)] = 16384,
+    eval_tokens: Annotated[
+        int, typer.Option(help="Held-out tokens to score for perplexity (0 = skip).", min=0)
+    ] = 16384,
     hidden_multiple: HiddenMulOpt = 8,
     ffn_multiple: FfnMulOpt = 8,
-    fmt: Annotated[FormatOpt, typer.Option("--format", help="auto: vanilla family class when the shape allows, else the heterogeneous class.")] = FormatOpt.auto,
+    fmt: Annotated[
+        FormatOpt,
+        typer.Option(
+            "--format",
+            help="auto: vanilla family class when the shape allows, else the heterogeneous class.",
+        ),
+    ] = FormatOpt.auto,
     seed: Annotated[int, typer.Option(help="Seed for the document split and block order.")] = 0,
 ) -> None:
     """Score groups on calibration text, remove them all at once down to the budget, export."""
     from efficientllm.pipeline import OneShotJob, run_oneshot
 
-    job = OneShotJob(model=model, data=list(data), heldout=list(heldout or []), budget=budget,
-                     out=out, granularity=granularity.value, scorer=scorer.value,
-                     calib_batches=calib_batches, batch_size=batch_size, block_len=block_len,
-                     eval_tokens=eval_tokens, hidden_multiple=hidden_multiple,
-                     ffn_multiple=ffn_multiple, fmt=fmt.value, seed=seed)
+    job = OneShotJob(
+        model=model,
+        data=list(data),
+        heldout=list(heldout or []),
+        budget=budget,
+        out=out,
+        granularity=granularity.value,
+        scorer=scorer.value,
+        calib_batches=calib_batches,
+        batch_size=batch_size,
+        block_len=block_len,
+        eval_tokens=eval_tokens,
+        hidden_multiple=hidden_multiple,
+        ffn_multiple=ffn_multiple,
+        fmt=fmt.value,
+        seed=seed,
+    )
     report = run_oneshot(job, echo=lambda s: typer.echo(s, err=True))
     typer.echo(json.dumps(report, indent=2))
 
@@ -165,18 +242,53 @@ def demo_data() -> None:
 @app.command()
 @_friendly
 def run(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML/JSON run config (see `efficientllm presets` and README).")] = None,
-    preset: Annotated[str | None, typer.Option(help="Start from a named preset (tiny-debug, cpu-demo, gpu-...); the config file and flags override it.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Source model: hub id, local folder, or 'demo'.")] = None,
-    data: Annotated[list[str] | None, typer.Option("--data", "-d", help="Training text: files, folders, hub:<dataset>, demo:austen.")] = None,
-    heldout: Annotated[list[str] | None, typer.Option(help="Held-out text (default: split --data by document).")] = None,
-    budget: Annotated[str | None, typer.Option("--budget", "-b", help="Final parameter count: 67M, 0.5B, 50%.")] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder: events.jsonl, checkpoints/, export/. Re-running resumes.")] = None,
-    total_tokens: Annotated[int | None, typer.Option(help="Training tokens, pruning + recovery.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="YAML/JSON run config (see `efficientllm presets` and README)."
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from a named preset (tiny-debug, cpu-demo, gpu-...); "
+            "the config file and flags override it."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Source model: hub id, local folder, or 'demo'."),
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data", "-d", help="Training text: files, folders, hub:<dataset>, demo:austen."
+        ),
+    ] = None,
+    heldout: Annotated[
+        list[str] | None, typer.Option(help="Held-out text (default: split --data by document).")
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option("--budget", "-b", help="Final parameter count: 67M, 0.5B, 50%.")
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run folder: events.jsonl, checkpoints/, export/. Re-running resumes.",
+        ),
+    ] = None,
+    total_tokens: Annotated[
+        int | None, typer.Option(help="Training tokens, pruning + recovery.")
+    ] = None,
     granularity: Annotated[GranularityOpt | None, typer.Option(help="uniform or global.")] = None,
     scorer: Annotated[ScorerOpt | None, typer.Option(help="Saliency scorer.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
-    deterministic: Annotated[bool | None, typer.Option("--deterministic/--fast", help="Bitwise-reproducible CPU run (one thread).")] = None,
+    deterministic: Annotated[
+        bool | None,
+        typer.Option("--deterministic/--fast", help="Bitwise-reproducible CPU run (one thread)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Pruning-aware pretraining: train while pruning down to the budget, then recover; export."""
@@ -208,20 +320,38 @@ def run(
         result = Trainer(cfg, sink=MultiSink(ProgressSink(disable=quiet), jsonl)).run()
     finally:
         jsonl.close()
-    typer.echo(json.dumps({"status": result.status, "step": result.step, "params": result.params,
-                           "export": str(result.export_path) if result.export_path else None}))
+    typer.echo(
+        json.dumps(
+            {
+                "status": result.status,
+                "step": result.step,
+                "params": result.params,
+                "export": str(result.export_path) if result.export_path else None,
+            }
+        )
+    )
 
 
 @app.command("eval")
 @_friendly
 def eval_cmd(
     model: ModelOpt,
-    data: Annotated[list[Path], typer.Option("--data", "-d", help="Held-out text files or folders.")],
-    block_len: Annotated[int, typer.Option(help="Model input length per window (BOS included).", min=8)] = 512,
-    stride: Annotated[int | None, typer.Option(help="Window stride (default: no overlap).", min=1)] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Score only the first N tokens.", min=1)] = None,
+    data: Annotated[
+        list[Path], typer.Option("--data", "-d", help="Held-out text files or folders.")
+    ],
+    block_len: Annotated[
+        int, typer.Option(help="Model input length per window (BOS included).", min=8)
+    ] = 512,
+    stride: Annotated[
+        int | None, typer.Option(help="Window stride (default: no overlap).", min=1)
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Score only the first N tokens.", min=1)
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
-    bos: Annotated[bool, typer.Option("--bos/--no-bos", help="Prepend BOS to every window (not scored).")] = False,
+    bos: Annotated[
+        bool, typer.Option("--bos/--no-bos", help="Prepend BOS to every window (not scored).")
+    ] = False,
 ) -> None:
     """Held-out perplexity of a model (hub id, folder or export), with its protocol."""
     from efficientllm.data import read_documents, tokenize_documents
@@ -232,8 +362,15 @@ def eval_cmd(
     m = load_model(model)
     tok = load_tokenizer(model)
     stream = tokenize_documents(docs, tok, add_bos=False)
-    res = perplexity(m, stream, block_len=block_len, stride=stride, max_tokens=max_tokens,
-                     batch_size=batch_size, bos_id=tok.bos_token_id if bos else None)
+    res = perplexity(
+        m,
+        stream,
+        block_len=block_len,
+        stride=stride,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        bos_id=tok.bos_token_id if bos else None,
+    )
     typer.echo(f"perplexity {res.ppl:.4f}  ({res.protocol})")
     typer.echo(json.dumps(res.to_dict()))
 

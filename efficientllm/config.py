@@ -46,7 +46,8 @@ class BudgetConfig:
     granularity: Literal["uniform", "global"] = "global"
     """uniform: every layer keeps the same widths; global: widths per layer chosen by saliency."""
     kinds: list[Literal["qhead", "kvgroup", "ffn", "hidden", "layer"]] = field(
-        default_factory=lambda: ["qhead", "kvgroup", "ffn", "hidden"])
+        default_factory=lambda: ["qhead", "kvgroup", "ffn", "hidden"]
+    )
     """Group kinds that may be removed (add "layer" to allow dropping whole blocks)."""
     hidden_multiple: int = 8
     """Hidden channels are removed in blocks of this many (hardware-friendly widths)."""
@@ -228,8 +229,15 @@ def _coerce(value: Any, hint) -> tuple[bool, Any]:
     return True, value
 
 
-def _rng(problems: list[str], where: str, value: float, lo: float, hi: float,
-         lo_open: bool = False, hi_open: bool = False) -> None:
+def _rng(
+    problems: list[str],
+    where: str,
+    value: float,
+    lo: float,
+    hi: float,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
     bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
     if bad:
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
@@ -278,8 +286,10 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"budget.target: {err}")
     tokens_per_step = t.batch_size * t.grad_accum * d.block_len
     if t.total_tokens < tokens_per_step:
-        p.append(f"train.total_tokens: {t.total_tokens} is less than one optimizer step "
-                 f"({tokens_per_step} tokens = batch_size x grad_accum x block_len)")
+        p.append(
+            f"train.total_tokens: {t.total_tokens} is less than one optimizer step "
+            f"({tokens_per_step} tokens = batch_size x grad_accum x block_len)"
+        )
     return p
 
 
@@ -322,7 +332,10 @@ def field_docs(cls) -> dict[str, str]:
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(
-                getattr(nxt, "value", None), ast.Constant):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+        ):
             docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
     return docs

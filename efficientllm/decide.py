@@ -37,8 +37,13 @@ class Drops:
     layers: set[int] = field(default_factory=set)
 
     def __bool__(self) -> bool:
-        return bool(self.hidden or self.layers or any(self.q.values()) or any(self.kv.values())
-                    or any(self.ffn.values()))
+        return bool(
+            self.hidden
+            or self.layers
+            or any(self.q.values())
+            or any(self.kv.values())
+            or any(self.ffn.values())
+        )
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,9 @@ def _lowest(values: list[float], alive: list[int], k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def _layer_candidate(st: _State, shape: ModelShape, kind: GroupKind, li: int, orig: int,
-                     mf: int) -> tuple[Group, float] | None:
+def _layer_candidate(
+    st: _State, shape: ModelShape, kind: GroupKind, li: int, orig: int, mf: int
+) -> tuple[Group, float] | None:
     ly = shape.layers[li]
     if kind == "ffn":
         width = ly.intermediate_size
@@ -120,8 +126,14 @@ def _layer_candidate(st: _State, shape: ModelShape, kind: GroupKind, li: int, or
     raise ValueError(kind)
 
 
-def _candidates(st: _State, shape: ModelShape, granularity: Granularity,
-                kinds: Sequence[GroupKind], mh: int, mf: int) -> list[Removal]:
+def _candidates(
+    st: _State,
+    shape: ModelShape,
+    granularity: Granularity,
+    kinds: Sequence[GroupKind],
+    mh: int,
+    mf: int,
+) -> list[Removal]:
     out: list[Removal] = []
     for kind in kinds:
         if kind == "hidden":
@@ -141,8 +153,14 @@ def _candidates(st: _State, shape: ModelShape, granularity: Granularity,
         if kind == "layer" or granularity == "global":
             out += per_layer
         elif per_layer and len(per_layer) == shape.num_layers:
-            out.append(Removal(kind, tuple(r.groups[0] for r in per_layer),
-                               sum(r.score for r in per_layer), sum(r.cost for r in per_layer)))
+            out.append(
+                Removal(
+                    kind,
+                    tuple(r.groups[0] for r in per_layer),
+                    sum(r.score for r in per_layer),
+                    sum(r.cost for r in per_layer),
+                )
+            )
     return out
 
 
@@ -174,10 +192,18 @@ def _apply(st: _State, shape: ModelShape, removal: Removal) -> ModelShape:
     return shape
 
 
-def decide(scores, shape: ModelShape, target: int, *, granularity: Granularity = "global",
-           kinds: Sequence[GroupKind] = ("qhead", "kvgroup", "ffn", "hidden"),
-           hidden_multiple: int = 8, ffn_multiple: int = 8, tolerance: float = 0.005,
-           max_steps: int = 1_000_000) -> Decision:
+def decide(
+    scores,
+    shape: ModelShape,
+    target: int,
+    *,
+    granularity: Granularity = "global",
+    kinds: Sequence[GroupKind] = ("qhead", "kvgroup", "ffn", "hidden"),
+    hidden_multiple: int = 8,
+    ffn_multiple: int = 8,
+    tolerance: float = 0.005,
+    max_steps: int = 1_000_000,
+) -> Decision:
     """The removals that bring ``shape`` to at most ``target`` parameters. ``scores`` is a
     ``saliency.UnitScores`` of the model with this shape."""
     st = _State(scores)
@@ -188,8 +214,9 @@ def decide(scores, shape: ModelShape, target: int, *, granularity: Granularity =
         count = shape.num_params()
         if count <= target:
             return Decision(removals=removals, drops=st.drops, shape=shape)
-        cands = sorted(_candidates(st, shape, granularity, kinds, mh, mf),
-                       key=lambda r: (r.normalised, r.cost))
+        cands = sorted(
+            _candidates(st, shape, granularity, kinds, mh, mf), key=lambda r: (r.normalised, r.cost)
+        )
         if not cands:
             raise BudgetInfeasibleError(
                 f"nothing left to remove at {count:,} parameters; target {target:,} is below "

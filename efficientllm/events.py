@@ -122,8 +122,19 @@ class Finished(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (RunStarted, StepMetrics, Pruned, Evaluated, PhaseChanged,
-                              CheckpointSaved, Exported, Stopped, Failed, Finished)
+    cls.type: cls
+    for cls in (
+        RunStarted,
+        StepMetrics,
+        Pruned,
+        Evaluated,
+        PhaseChanged,
+        CheckpointSaved,
+        Exported,
+        Stopped,
+        Failed,
+        Finished,
+    )
 }
 
 

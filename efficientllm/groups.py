@@ -165,12 +165,16 @@ def coupled_slices(shape: ModelShape, group: Group) -> list[Slice]:
             out.append(Slice("lm_head.weight", 1, u))
         for i in range(shape.num_layers):
             p = f"model.layers.{i}."
-            out += [Slice(p + n, 0, u) for n in ("input_layernorm.weight",
-                                                 "post_attention_layernorm.weight")]
+            out += [
+                Slice(p + n, 0, u)
+                for n in ("input_layernorm.weight", "post_attention_layernorm.weight")
+            ]
             out += [Slice(p + f"self_attn.{n}_proj.weight", 1, u) for n in "qkv"]
             out += [Slice(p + f"mlp.{n}_proj.weight", 1, u) for n in ("gate", "up")]
-            out += [Slice(p + "self_attn.o_proj.weight", 0, u),
-                    Slice(p + "mlp.down_proj.weight", 0, u)]
+            out += [
+                Slice(p + "self_attn.o_proj.weight", 0, u),
+                Slice(p + "mlp.down_proj.weight", 0, u),
+            ]
             if shape.o_bias:
                 out.append(Slice(p + "self_attn.o_proj.bias", 0, u))
             if shape.mlp_bias:
@@ -182,15 +186,20 @@ def coupled_slices(shape: ModelShape, group: Group) -> list[Slice]:
     if group.kind == "layer":
         return [Slice(p + "*", 0, ())]
     if group.kind == "ffn":
-        out = [Slice(p + "mlp.gate_proj.weight", 0, u), Slice(p + "mlp.up_proj.weight", 0, u),
-               Slice(p + "mlp.down_proj.weight", 1, u)]
+        out = [
+            Slice(p + "mlp.gate_proj.weight", 0, u),
+            Slice(p + "mlp.up_proj.weight", 0, u),
+            Slice(p + "mlp.down_proj.weight", 1, u),
+        ]
         if shape.mlp_bias:
             out += [Slice(p + "mlp.gate_proj.bias", 0, u), Slice(p + "mlp.up_proj.bias", 0, u)]
         return out
     heads = u if group.kind == "qhead" else query_heads_of(u[0], ly)
     q_rows = head_rows(heads, shape.head_dim)
-    out = [Slice(p + "self_attn.q_proj.weight", 0, q_rows),
-           Slice(p + "self_attn.o_proj.weight", 1, q_rows)]
+    out = [
+        Slice(p + "self_attn.q_proj.weight", 0, q_rows),
+        Slice(p + "self_attn.o_proj.weight", 1, q_rows),
+    ]
     if shape.qkv_bias:
         out.append(Slice(p + "self_attn.q_proj.bias", 0, q_rows))
     if group.kind == "kvgroup":

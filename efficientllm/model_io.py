@@ -49,8 +49,8 @@ def resolve(source: str | Path) -> tuple[str, bool]:
     if _looks_like_path(text) or not is_valid_hub_id(text):
         raise ModelNotFoundError(
             f"model {text!r} not found: no such folder, and it is not a valid hub id; "
-            "pass a folder with config.json and *.safetensors, or an id like HuggingFaceTB/SmolLM2-360M "
-            "(run `efficientllm demo-model` for the bundled demo model)"
+            "pass a folder with config.json and *.safetensors, or an id like "
+            "HuggingFaceTB/SmolLM2-360M (run `efficientllm demo-model` for the bundled demo model)"
         )
     return text, False
 
@@ -61,7 +61,9 @@ def load_config_dict(source: str | Path) -> dict[str, Any]:
     if local:
         cfg_path = Path(name) / "config.json"
         if not cfg_path.is_file():
-            raise ModelNotFoundError(f"{name!r} has no config.json; is it a Hugging Face model folder?")
+            raise ModelNotFoundError(
+                f"{name!r} has no config.json; is it a Hugging Face model folder?"
+            )
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -32,8 +32,13 @@ class OneShotResult:
     calibration_tokens: int
 
 
-def score_groups(model, batches: Iterable[torch.Tensor], *, scorer: Scorer = "taylor1",
-                 progress: Callable[[int], None] | None = None) -> tuple[SaliencyAccumulator, int, int]:
+def score_groups(
+    model,
+    batches: Iterable[torch.Tensor],
+    *,
+    scorer: Scorer = "taylor1",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[SaliencyAccumulator, int, int]:
     """Accumulate per-unit saliency over calibration ``batches`` ([B, T] token ids)."""
     acc = SaliencyAccumulator(mode="window")
     was_training = model.training
@@ -56,24 +61,48 @@ def score_groups(model, batches: Iterable[torch.Tensor], *, scorer: Scorer = "ta
     return acc, n_batches, n_tokens
 
 
-def prune_oneshot_(model, batches: Iterable[torch.Tensor], *, budget: int,
-                   granularity: Granularity = "global", scorer: Scorer = "taylor1",
-                   kinds: tuple[GroupKind, ...] = ("qhead", "kvgroup", "ffn", "hidden"),
-                   hidden_multiple: int = 8, ffn_multiple: int = 8, tolerance: float = 0.005,
-                   progress: Callable[[int], None] | None = None) -> OneShotResult:
+def prune_oneshot_(
+    model,
+    batches: Iterable[torch.Tensor],
+    *,
+    budget: int,
+    granularity: Granularity = "global",
+    scorer: Scorer = "taylor1",
+    kinds: tuple[GroupKind, ...] = ("qhead", "kvgroup", "ffn", "hidden"),
+    hidden_multiple: int = 8,
+    ffn_multiple: int = 8,
+    tolerance: float = 0.005,
+    progress: Callable[[int], None] | None = None,
+) -> OneShotResult:
     """Score on ``batches``, then prune ``model`` in place to at most ``budget`` parameters."""
     source = shape_from_config(model.config.to_dict())
     check_budget(source, budget, hidden_multiple=hidden_multiple, ffn_multiple=ffn_multiple)
     acc, n_batches, n_tokens = score_groups(model, batches, scorer=scorer, progress=progress)
     if n_batches == 0:
         raise ValueError("no calibration batches: the calibration text is shorter than one block")
-    decision = decide(acc.value(), source, budget, granularity=granularity, kinds=kinds,
-                      hidden_multiple=hidden_multiple, ffn_multiple=ffn_multiple,
-                      tolerance=tolerance)
+    decision = decide(
+        acc.value(),
+        source,
+        budget,
+        granularity=granularity,
+        kinds=kinds,
+        hidden_multiple=hidden_multiple,
+        ffn_multiple=ffn_multiple,
+        tolerance=tolerance,
+    )
     with torch.no_grad():
         shape = apply_drops_(model, source, decision.drops)
     assert shape == decision.shape, (shape, decision.shape)
-    log.info("one-shot: %s -> %s params (%s)", f"{source.num_params():,}",
-             f"{shape.num_params():,}", decision.summary())
-    return OneShotResult(source=source, shape=shape, decision=decision,
-                         calibration_batches=n_batches, calibration_tokens=n_tokens)
+    log.info(
+        "one-shot: %s -> %s params (%s)",
+        f"{source.num_params():,}",
+        f"{shape.num_params():,}",
+        decision.summary(),
+    )
+    return OneShotResult(
+        source=source,
+        shape=shape,
+        decision=decision,
+        calibration_batches=n_batches,
+        calibration_tokens=n_tokens,
+    )

@@ -42,8 +42,14 @@ def _ppl(model, stream, job: OneShotJob, bos_id):
 
     if job.eval_tokens == 0:
         return None
-    return perplexity(model, stream, block_len=job.block_len, max_tokens=job.eval_tokens,
-                      batch_size=job.batch_size, bos_id=bos_id)
+    return perplexity(
+        model,
+        stream,
+        block_len=job.block_len,
+        max_tokens=job.eval_tokens,
+        batch_size=job.batch_size,
+        bos_id=bos_id,
+    )
 
 
 def run_oneshot(job: OneShotJob, *, echo: Callable[[str], None] = lambda s: None) -> dict:
@@ -72,34 +78,44 @@ def run_oneshot(job: OneShotJob, *, echo: Callable[[str], None] = lambda s: None
 
     model = load_model(job.model)
     tok = load_tokenizer(job.model)
-    bos = tok.bos_token_id
     stream = tokenize_documents(train, tok, add_bos=False)
     blocks = pack_blocks(stream, job.block_len)
     need = job.calib_batches * job.batch_size
     if len(blocks) < job.batch_size:
-        raise DataError(f"calibration text has {len(stream)} tokens, fewer than one batch of "
-                        f"{job.batch_size}x{job.block_len}; add text or lower --block-len")
+        raise DataError(
+            f"calibration text has {len(stream)} tokens, fewer than one batch of "
+            f"{job.batch_size}x{job.block_len}; add text or lower --block-len"
+        )
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(job.seed))[:need]
-    batches = [blocks[order[i:i + job.batch_size]] for i in range(0, len(order), job.batch_size)]
+    batches = [blocks[order[i : i + job.batch_size]] for i in range(0, len(order), job.batch_size)]
     held_stream = tokenize_documents(held, tok, add_bos=False)
 
     echo("held-out perplexity before pruning ...")
-    before = _ppl(model, held_stream, job, bos)
+    before = _ppl(model, held_stream, job, None)  # no BOS: SmolLM2's BOS is a chat token
     echo(f"scoring groups on {len(batches)} calibration batches ...")
-    result = prune_oneshot_(model, batches, budget=budget, granularity=job.granularity,
-                            scorer=job.scorer, hidden_multiple=job.hidden_multiple,
-                            ffn_multiple=job.ffn_multiple,
-                            progress=lambda i: echo(f"  batch {i}/{len(batches)}"))
+    result = prune_oneshot_(
+        model,
+        batches,
+        budget=budget,
+        granularity=job.granularity,
+        scorer=job.scorer,
+        hidden_multiple=job.hidden_multiple,
+        ffn_multiple=job.ffn_multiple,
+        progress=lambda i: echo(f"  batch {i}/{len(batches)}"),
+    )
     echo("held-out perplexity after pruning ...")
-    after = _ppl(model, held_stream, job, bos)
+    after = _ppl(model, held_stream, job, None)
     report = {
         "source_params": source.num_params(),
         "budget": budget,
         "params": result.shape.num_params(),
         "removed": result.decision.summary(),
         "shape": result.shape.to_dict(),
-        "calibration": {"batches": result.calibration_batches,
-                        "tokens": result.calibration_tokens, "scorer": job.scorer},
+        "calibration": {
+            "batches": result.calibration_batches,
+            "tokens": result.calibration_tokens,
+            "scorer": job.scorer,
+        },
         "perplexity_before": before.ppl if before else None,
         "perplexity_after": after.ppl if after else None,
         "perplexity_protocol": after.protocol if after else None,
@@ -107,11 +123,21 @@ def run_oneshot(job: OneShotJob, *, echo: Callable[[str], None] = lambda s: None
     }
     report["job"]["data"] = [str(p) for p in job.data]
     report["job"]["heldout"] = [str(p) for p in job.heldout]
-    exported = export_model(model, job.out, tokenizer=tok, fmt=job.fmt,
-                            extra_files={"oneshot_report.json": json.dumps(report, indent=2)})
-    report["export"] = {"path": str(exported.path), "format": exported.fmt,
-                        "max_abs_diff_after_reload": exported.max_abs_diff}
+    exported = export_model(
+        model,
+        job.out,
+        tokenizer=tok,
+        fmt=job.fmt,
+        extra_files={"oneshot_report.json": json.dumps(report, indent=2)},
+    )
+    report["export"] = {
+        "path": str(exported.path),
+        "format": exported.fmt,
+        "max_abs_diff_after_reload": exported.max_abs_diff,
+    }
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    echo(f"perplexity {report['perplexity_before']} -> {report['perplexity_after']} "
-         f"({report['perplexity_protocol']}); exported to {exported.path}")
+    echo(
+        f"perplexity {report['perplexity_before']} -> {report['perplexity_after']} "
+        f"({report['perplexity_protocol']}); exported to {exported.path}"
+    )
     return report

@@ -189,7 +189,9 @@ def apply_drops_(
     layers = model.model.layers
     for i in sorted(set(drops.q) | set(drops.kv)):
         if drops.q.get(i) or drops.kv.get(i):
-            _prune_attention_(layers[i].self_attn, drops.q.get(i, set()), drops.kv.get(i, set()), cut)
+            _prune_attention_(
+                layers[i].self_attn, drops.q.get(i, set()), drops.kv.get(i, set()), cut
+            )
     for i, drop in drops.ffn.items():
         if drop:
             _prune_mlp_(layers[i].mlp, drop, cut)
@@ -203,7 +205,9 @@ def apply_drops_(
         _select_accumulator(accumulator, shape, drops)
     got = sum(p.numel() for p in model.parameters())
     if got != new_shape.num_params():  # an adapter/shape mismatch must never pass silently
-        raise RuntimeError(f"pruned model has {got:,} parameters, shape says {new_shape.num_params():,}")
+        raise RuntimeError(
+            f"pruned model has {got:,} parameters, shape says {new_shape.num_params():,}"
+        )
     log.debug("pruned -> %s (%s params)", new_shape.describe(), f"{got:,}")
     return new_shape
 

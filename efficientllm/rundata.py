@@ -70,7 +70,14 @@ def prepare(cfg: DataConfig, tokenizer: Any, *, seed: int) -> RunData:
     stream = tokenize_documents(train, tokenizer, add_bos=False)
     blocks = pack_blocks(stream, cfg.block_len)
     held_stream = tokenize_documents(held, tokenizer, add_bos=False)
-    log.info("data: %d train blocks of %d tokens, %d held-out tokens", len(blocks),
-             cfg.block_len, held_stream.numel())
-    return RunData(train_blocks=blocks, heldout=held_stream,
-                   split={"train": [d.name for d in train], "heldout": [d.name for d in held]})
+    log.info(
+        "data: %d train blocks of %d tokens, %d held-out tokens",
+        len(blocks),
+        cfg.block_len,
+        held_stream.numel(),
+    )
+    return RunData(
+        train_blocks=blocks,
+        heldout=held_stream,
+        split={"train": [d.name for d in train], "heldout": [d.name for d in held]},
+    )

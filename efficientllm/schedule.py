@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass
 
 
-def target_params(tokens: int, *, source: int, budget: int, start_tokens: int,
-                  prune_tokens: int) -> int:
+def target_params(
+    tokens: int, *, source: int, budget: int, start_tokens: int, prune_tokens: int
+) -> int:
     """P(t) = P0 - (P0 - P*) * min(1, (t - t0) / T_prune), clamped at t < t0 (method.md)."""
     if prune_tokens <= 0:
         return budget
@@ -37,20 +38,33 @@ class Plan:
     """First step of recovery: the model is at the budget from here on."""
 
     @classmethod
-    def make(cls, *, total_tokens: int, tokens_per_step: int, start_fraction: float,
-             prune_fraction: float) -> Plan:
+    def make(
+        cls,
+        *,
+        total_tokens: int,
+        tokens_per_step: int,
+        start_fraction: float,
+        prune_fraction: float,
+    ) -> Plan:
         total = max(1, total_tokens // tokens_per_step)
         start = int(round(start_fraction * total))
         end = max(start + 1, int(round((start_fraction + prune_fraction) * total)))
-        return cls(tokens_per_step=tokens_per_step, total_steps=total,
-                   prune_start_step=start, prune_end_step=min(end, total))
+        return cls(
+            tokens_per_step=tokens_per_step,
+            total_steps=total,
+            prune_start_step=start,
+            prune_end_step=min(end, total),
+        )
 
     def phase(self, step: int) -> str:
         return "prune" if step < self.prune_end_step else "recovery"
 
     def target(self, step: int, *, source: int, budget: int) -> int:
         """Target params after ``step`` optimizer steps; reaches ``budget`` at prune_end_step."""
-        return target_params(step * self.tokens_per_step, source=source, budget=budget,
-                             start_tokens=self.prune_start_step * self.tokens_per_step,
-                             prune_tokens=(self.prune_end_step - self.prune_start_step)
-                             * self.tokens_per_step)
+        return target_params(
+            step * self.tokens_per_step,
+            source=source,
+            budget=budget,
+            start_tokens=self.prune_start_step * self.tokens_per_step,
+            prune_tokens=(self.prune_end_step - self.prune_start_step) * self.tokens_per_step,
+        )

@@ -81,9 +81,14 @@ def mean_normalised_saliency(scores, shape: ModelShape) -> dict[str, float]:
 class Trainer:
     """Runs one ``RunConfig`` to the end (or until ``should_stop`` returns True)."""
 
-    def __init__(self, cfg: RunConfig, *, sink: EventSink | None = None,
-                 should_stop: Callable[[], bool] | None = None,
-                 fault: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        sink: EventSink | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        fault: Callable[[str], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.sink = sink or ListSink()
         self.should_stop = should_stop or (lambda: False)
@@ -97,8 +102,12 @@ class Trainer:
 
         source = shape_from_config(load_config_dict(self.cfg.model.source))
         budget = parse_budget(self.cfg.budget.target, source.num_params())
-        check_budget(source, budget, hidden_multiple=self.cfg.budget.hidden_multiple,
-                     ffn_multiple=self.cfg.budget.ffn_multiple)
+        check_budget(
+            source,
+            budget,
+            hidden_multiple=self.cfg.budget.hidden_multiple,
+            ffn_multiple=self.cfg.budget.ffn_multiple,
+        )
         validate_sources(self.cfg.data)
         return source, budget
 
@@ -120,8 +129,14 @@ class Trainer:
         try:
             return self._run()
         except Exception as err:
-            self.sink.emit(Failed(step=getattr(self, "step", 0), tokens=0, error=str(err),
-                                  error_type=type(err).__name__))
+            self.sink.emit(
+                Failed(
+                    step=getattr(self, "step", 0),
+                    tokens=0,
+                    error=str(err),
+                    error_type=type(err).__name__,
+                )
+            )
             raise
 
     def _run(self) -> RunResult:
@@ -150,32 +165,45 @@ class Trainer:
         tokenizer = load_tokenizer(cfg.model.source)
         data = prepare(cfg.data, tokenizer, seed=t.seed)
         sampler = BlockSampler(data.train_blocks, batch_size=t.batch_size, seed=t.seed)
-        plan = Plan.make(total_tokens=t.total_tokens,
-                         tokens_per_step=t.batch_size * t.grad_accum * cfg.data.block_len,
-                         start_fraction=cfg.schedule.start_fraction,
-                         prune_fraction=cfg.schedule.prune_fraction)
+        plan = Plan.make(
+            total_tokens=t.total_tokens,
+            tokens_per_step=t.batch_size * t.grad_accum * cfg.data.block_len,
+            start_fraction=cfg.schedule.start_fraction,
+            prune_fraction=cfg.schedule.prune_fraction,
+        )
         ckpt.clean_partial(self.ckpt_dir)
         state = ckpt.load_latest(self.ckpt_dir)
         model = self._load(state).to(device)
         params = [p for _, p in ckpt.unique_named_parameters(model)]
-        opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8,
-                                weight_decay=t.weight_decay)
+        opt = torch.optim.AdamW(
+            params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay
+        )
         acc = SaliencyAccumulator(mode=cfg.saliency.mode, beta=cfg.saliency.beta)
         gen = torch.Generator().manual_seed(t.seed + 1)
         self.step = 0
         if state is not None:
-            ckpt.load_optimizer_tensors(model, opt, state.optimizer, state.state["optimizer_groups"])
+            ckpt.load_optimizer_tensors(
+                model, opt, state.optimizer, state.state["optimizer_groups"]
+            )
             acc.load_state_dict(state.saliency)
             sampler.load_state_dict(state.state["sampler"])
             ckpt.restore_rng(state.rng, state.state["python_rng"])
             gen.set_state(state.rng["scorer"])
             self.step = state.step
         shape = shape_from_config(model.config.to_dict())
-        self.sink.emit(RunStarted(
-            step=self.step, tokens=self.step * plan.tokens_per_step,
-            source_params=source.num_params(), budget=budget, total_steps=plan.total_steps,
-            prune_end_step=plan.prune_end_step, shape=source.to_dict(), config=cfg.to_dict(),
-            resumed_from=state.step if state else None))
+        self.sink.emit(
+            RunStarted(
+                step=self.step,
+                tokens=self.step * plan.tokens_per_step,
+                source_params=source.num_params(),
+                budget=budget,
+                total_steps=plan.total_steps,
+                prune_end_step=plan.prune_end_step,
+                shape=source.to_dict(),
+                config=cfg.to_dict(),
+                resumed_from=state.step if state else None,
+            )
+        )
         if state is None and t.eval_tokens:
             self._evaluate(model, data.heldout, tokenizer, plan, "start")
         losses: dict[int, float] = {}
@@ -183,8 +211,13 @@ class Trainer:
         while self.step < plan.total_steps:
             if self.should_stop():
                 self._checkpoint(model, opt, acc, sampler, gen, plan, shape)
-                self.sink.emit(Stopped(step=self.step, tokens=self.step * plan.tokens_per_step,
-                                       reason="stop requested"))
+                self.sink.emit(
+                    Stopped(
+                        step=self.step,
+                        tokens=self.step * plan.tokens_per_step,
+                        reason="stop requested",
+                    )
+                )
                 return RunResult("stopped", self.step, shape.num_params(), None, losses)
             step = self.step
             phase = plan.phase(step)
@@ -200,11 +233,19 @@ class Trainer:
             del loss  # no graph may outlive the step: pruning changes parameter shapes
             if not math.isfinite(loss_sum):
                 raise NonFiniteLossError(
-                    f"loss became {loss_sum} at step {step}; lower train.lr or check the data")
+                    f"loss became {loss_sum} at step {step}; lower train.lr or check the data"
+                )
             pruning = plan.prune_start_step <= step < plan.prune_end_step
             if pruning:
-                acc.update(compute_unit_scores(model, scorer=cfg.saliency.scorer, optimizer=opt,
-                                               fisher=cfg.saliency.fisher, generator=gen))
+                acc.update(
+                    compute_unit_scores(
+                        model,
+                        scorer=cfg.saliency.scorer,
+                        optimizer=opt,
+                        fisher=cfg.saliency.fisher,
+                        generator=gen,
+                    )
+                )
             gnorm = None
             if t.grad_clip > 0:
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
@@ -218,10 +259,19 @@ class Trainer:
                 shape = self._prune(model, opt, acc, shape, target, step, tokens)
                 params = [p for _, p in ckpt.unique_named_parameters(model)]
             now = time.perf_counter()
-            self.sink.emit(StepMetrics(
-                step=step, tokens=tokens, phase=phase, loss=loss_sum, lr=opt.param_groups[0]["lr"],
-                params=shape.num_params(), target_params=max(target, budget),
-                tokens_per_s=plan.tokens_per_step / max(now - last, 1e-9), grad_norm=gnorm))
+            self.sink.emit(
+                StepMetrics(
+                    step=step,
+                    tokens=tokens,
+                    phase=phase,
+                    loss=loss_sum,
+                    lr=opt.param_groups[0]["lr"],
+                    params=shape.num_params(),
+                    target_params=max(target, budget),
+                    tokens_per_s=plan.tokens_per_step / max(now - last, 1e-9),
+                    grad_norm=gnorm,
+                )
+            )
             last = now
             if step == plan.prune_end_step:
                 self._evaluate(model, data.heldout, tokenizer, plan, "after_pruning")
@@ -237,23 +287,42 @@ class Trainer:
         path = self._export(model, tokenizer, plan, data.split)
         import json
 
-        done.write_text(json.dumps({"step": self.step, "params": shape.num_params(),
-                                    "export": str(path)}), encoding="utf-8")
-        self.sink.emit(Finished(step=self.step, tokens=self.step * plan.tokens_per_step,
-                                params=shape.num_params(), shape=shape.to_dict()))
+        done.write_text(
+            json.dumps({"step": self.step, "params": shape.num_params(), "export": str(path)}),
+            encoding="utf-8",
+        )
+        self.sink.emit(
+            Finished(
+                step=self.step,
+                tokens=self.step * plan.tokens_per_step,
+                params=shape.num_params(),
+                shape=shape.to_dict(),
+            )
+        )
         return RunResult("finished", self.step, shape.num_params(), path, losses)
 
     # ---- pieces ---------------------------------------------------------------------------
     def _lr(self, step: int, plan: Plan) -> float:
         t = self.cfg.train
         if step < plan.prune_end_step:
-            return cosine_lr(step, total=plan.prune_end_step, peak=t.lr, warmup=t.warmup_steps,
-                             min_ratio=t.min_lr_ratio)
-        return cosine_lr(step - plan.prune_end_step, total=plan.total_steps - plan.prune_end_step,
-                         peak=t.recovery_lr, warmup=t.warmup_steps, min_ratio=t.min_lr_ratio)
+            return cosine_lr(
+                step,
+                total=plan.prune_end_step,
+                peak=t.lr,
+                warmup=t.warmup_steps,
+                min_ratio=t.min_lr_ratio,
+            )
+        return cosine_lr(
+            step - plan.prune_end_step,
+            total=plan.total_steps - plan.prune_end_step,
+            peak=t.recovery_lr,
+            warmup=t.warmup_steps,
+            min_ratio=t.min_lr_ratio,
+        )
 
-    def _prune(self, model, opt, acc, shape: ModelShape, target: int, step: int,
-               tokens: int) -> ModelShape:
+    def _prune(
+        self, model, opt, acc, shape: ModelShape, target: int, step: int, tokens: int
+    ) -> ModelShape:
         from efficientllm.prune import apply_drops_
 
         before = shape.num_params()
@@ -261,18 +330,32 @@ class Trainer:
             return shape
         b = self.cfg.budget
         scores = acc.value()
-        decision = decide(scores, shape, target, granularity=b.granularity, kinds=b.kinds,
-                          hidden_multiple=b.hidden_multiple, ffn_multiple=b.ffn_multiple,
-                          tolerance=b.tolerance)
+        decision = decide(
+            scores,
+            shape,
+            target,
+            granularity=b.granularity,
+            kinds=b.kinds,
+            hidden_multiple=b.hidden_multiple,
+            ffn_multiple=b.ffn_multiple,
+            tolerance=b.tolerance,
+        )
         with torch.no_grad():
             new = apply_drops_(model, shape, decision.drops, optimizer=opt, accumulator=acc)
         if self.cfg.saliency.mode == "window":
             acc.reset()
-        self.sink.emit(Pruned(step=step, tokens=tokens, params_before=before,
-                              params_after=new.num_params(), target_params=target,
-                              removed=decision.summary(),
-                              saliency=mean_normalised_saliency(scores, shape),
-                              shape=new.to_dict()))
+        self.sink.emit(
+            Pruned(
+                step=step,
+                tokens=tokens,
+                params_before=before,
+                params_after=new.num_params(),
+                target_params=target,
+                removed=decision.summary(),
+                saliency=mean_normalised_saliency(scores, shape),
+                shape=new.to_dict(),
+            )
+        )
         return new
 
     def _evaluate(self, model, heldout, tokenizer, plan: Plan, label: str) -> None:
@@ -281,23 +364,48 @@ class Trainer:
         t = self.cfg.train
         if not t.eval_tokens:
             return
-        res = perplexity(model, heldout, block_len=self.cfg.data.block_len,
-                         max_tokens=t.eval_tokens, batch_size=t.batch_size)
+        res = perplexity(
+            model,
+            heldout,
+            block_len=self.cfg.data.block_len,
+            max_tokens=t.eval_tokens,
+            batch_size=t.batch_size,
+        )
         model.train()
-        self.sink.emit(Evaluated(step=self.step, tokens=self.step * plan.tokens_per_step,
-                                 phase=plan.phase(max(self.step - 1, 0)), label=label,
-                                 ppl=res.ppl, loss=res.nll, protocol=res.protocol))
+        self.sink.emit(
+            Evaluated(
+                step=self.step,
+                tokens=self.step * plan.tokens_per_step,
+                phase=plan.phase(max(self.step - 1, 0)),
+                label=label,
+                ppl=res.ppl,
+                loss=res.nll,
+                protocol=res.protocol,
+            )
+        )
 
     def _checkpoint(self, model, opt, acc, sampler, gen, plan: Plan, shape: ModelShape) -> None:
         sal = acc.state_dict()
         sal_state = {**sal}
-        state = {"tokens": self.step * plan.tokens_per_step, "sampler": sampler.state_dict(),
-                 "shape": shape.to_dict()}
-        path = ckpt.save(self.ckpt_dir, self.step, model=model, optimizer=opt,
-                         saliency=sal_state, state=state, keep=self.cfg.train.keep_checkpoints,
-                         fault=self.fault, extra_rng={"scorer": gen.get_state()})
-        self.sink.emit(CheckpointSaved(step=self.step, tokens=self.step * plan.tokens_per_step,
-                                       path=str(path)))
+        state = {
+            "tokens": self.step * plan.tokens_per_step,
+            "sampler": sampler.state_dict(),
+            "shape": shape.to_dict(),
+        }
+        path = ckpt.save(
+            self.ckpt_dir,
+            self.step,
+            model=model,
+            optimizer=opt,
+            saliency=sal_state,
+            state=state,
+            keep=self.cfg.train.keep_checkpoints,
+            fault=self.fault,
+            extra_rng={"scorer": gen.get_state()},
+        )
+        self.sink.emit(
+            CheckpointSaved(step=self.step, tokens=self.step * plan.tokens_per_step, path=str(path))
+        )
 
     def _export(self, model, tokenizer, plan: Plan, split: dict) -> Path:
         import json
@@ -309,15 +417,25 @@ class Trainer:
             import shutil
 
             shutil.rmtree(target)  # a previous attempt died after exporting; redo it whole
-        extra = {"run_config.json": json.dumps(self.cfg.to_dict(), indent=2),
-                 "data_split.json": json.dumps(split, indent=2)}
+        extra = {
+            "run_config.json": json.dumps(self.cfg.to_dict(), indent=2),
+            "data_split.json": json.dumps(split, indent=2),
+        }
         events = self.out / "events.jsonl"
         if events.exists():
             extra["events.jsonl"] = events.read_text(encoding="utf-8")
         if self.fault:
             self.fault("before_export")
-        res = export_model(model, target, tokenizer=tokenizer, fmt=self.cfg.export.format,
-                           extra_files=extra)
-        self.sink.emit(Exported(step=self.step, tokens=self.step * plan.tokens_per_step,
-                                path=str(res.path), format=res.fmt, params=res.num_params))
+        res = export_model(
+            model, target, tokenizer=tokenizer, fmt=self.cfg.export.format, extra_files=extra
+        )
+        self.sink.emit(
+            Exported(
+                step=self.step,
+                tokens=self.step * plan.tokens_per_step,
+                path=str(res.path),
+                format=res.fmt,
+                params=res.num_params,
+            )
+        )
         return Path(res.path)

@@ -15,8 +15,14 @@ from efficientllm.model_io import shape_from_config
 from efficientllm.shape import LayerShape
 
 SMOLLM2_135M = dict(  # the demo model's config.json (assets.md)
-    model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+    model_type="llama",
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
     head_dim=64,
 )
 
@@ -36,21 +42,41 @@ def test_count_of_the_demo_model_config() -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_unit_costs_equal_shape_differences(family: str) -> None:
     shape = shape_from_config(tiny_config(family).to_dict())
-    shape = shape.with_layers([shape.layers[0], LayerShape(num_heads=shape.layers[0].num_kv_heads,
-                               num_kv_heads=shape.layers[0].num_kv_heads, intermediate_size=7),
-                               shape.layers[2]])
-    for g in [Group("hidden", None, (0,)), Group("ffn", 1, (0,)), Group("layer", 2),
-              Group("kvgroup", 0, (0,)) if shape.layers[0].num_kv_heads > 1 else None]:
+    shape = shape.with_layers(
+        [
+            shape.layers[0],
+            LayerShape(
+                num_heads=shape.layers[0].num_kv_heads,
+                num_kv_heads=shape.layers[0].num_kv_heads,
+                intermediate_size=7,
+            ),
+            shape.layers[2],
+        ]
+    )
+    for g in [
+        Group("hidden", None, (0,)),
+        Group("ffn", 1, (0,)),
+        Group("layer", 2),
+        Group("kvgroup", 0, (0,)) if shape.layers[0].num_kv_heads > 1 else None,
+    ]:
         if g is None:
             continue
         assert group_cost(shape, g) == shape.num_params() - shape_after(shape, g).num_params()
     assert unit_cost(shape, "ffn", 1) * 3 == group_cost(shape, Group("ffn", 1, (0, 1, 2)))
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("67M", 67_000_000), ("0.5B", 500_000_000), ("67000000", 67_000_000), ("1.2e8", 120_000_000),
-    ("50%", 67_257_504), (" 250k ", 250_000), (67_000_000, 67_000_000),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("67M", 67_000_000),
+        ("0.5B", 500_000_000),
+        ("67000000", 67_000_000),
+        ("1.2e8", 120_000_000),
+        ("50%", 67_257_504),
+        (" 250k ", 250_000),
+        (67_000_000, 67_000_000),
+    ],
+)
 def test_parse_budget(text, expected) -> None:
     assert parse_budget(text, 134_515_008) == expected
 
@@ -71,10 +97,13 @@ def test_plan_demo_model_67m_within_half_percent(granularity) -> None:
         assert p.shape.is_uniform
         assert p.shape.hidden_size % p.shape.layers[0].num_heads == 0  # vanilla-exportable
     # building the planned shape gives exactly the predicted count (meta device: no memory)
-    from efficientllm.modeling import EfficientLLMForCausalLM, config_from_family
     from transformers import LlamaConfig
 
-    cfg = config_from_family(LlamaConfig(**{k: v for k, v in SMOLLM2_135M.items() if k != "model_type"}))
+    from efficientllm.modeling import EfficientLLMForCausalLM, config_from_family
+
+    cfg = config_from_family(
+        LlamaConfig(**{k: v for k, v in SMOLLM2_135M.items() if k != "model_type"})
+    )
     cfg.hidden_size = p.shape.hidden_size
     cfg.layer_num_attention_heads = [ly.num_heads for ly in p.shape.layers]
     cfg.layer_num_key_value_heads = [ly.num_kv_heads for ly in p.shape.layers]
@@ -119,8 +148,15 @@ def test_decide_reaches_target_and_prune_matches(granularity, family) -> None:
     model = EfficientLLMForCausalLM.from_family(tiny_model(family))
     shape = shape_from_config(model.config.to_dict())
     target = int(shape.num_params() * 0.6)
-    d = decide(_random_scores(model), shape, target, granularity=granularity,
-               hidden_multiple=1, ffn_multiple=1, tolerance=0.02)
+    d = decide(
+        _random_scores(model),
+        shape,
+        target,
+        granularity=granularity,
+        hidden_multiple=1,
+        ffn_multiple=1,
+        tolerance=0.02,
+    )
     assert d.shape.num_params() <= target
     assert d.shape.num_params() >= target * 0.98 or granularity == "uniform"
     if granularity == "uniform":

@@ -44,8 +44,18 @@ def test_help_explains_every_command() -> None:
 
 def test_plan_json_on_tiny(tiny) -> None:
     src, _ = tiny
-    res = _invoke("plan", "--model", str(src), "--budget", "70%", "--json",
-                  "--hidden-multiple", "1", "--ffn-multiple", "1")
+    res = _invoke(
+        "plan",
+        "--model",
+        str(src),
+        "--budget",
+        "70%",
+        "--json",
+        "--hidden-multiple",
+        "1",
+        "--ffn-multiple",
+        "1",
+    )
     assert res.exit_code == 0, res.output
     plan = json.loads(res.output)
     assert plan["num_params"] <= plan["budget"]
@@ -58,12 +68,15 @@ def _bad(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (no_type / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     remote = tmp_path / "remote"
     remote.mkdir()
-    (remote / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "evil.Model"}}))
-    return {"missing": (["--model", str(tmp_path / "nope")], "not found"),
-            "unsupported": (["--model", str(no_type)], "not supported"),
-            "auto_map": (["--model", str(remote)], "custom code"),
-            "bad hub id": (["--model", "a/b/c..d"], "not found")}
+    (remote / "config.json").write_text(
+        json.dumps({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "evil.Model"}})
+    )
+    return {
+        "missing": (["--model", str(tmp_path / "nope")], "not found"),
+        "unsupported": (["--model", str(no_type)], "not supported"),
+        "auto_map": (["--model", str(remote)], "custom code"),
+        "bad hub id": (["--model", "a/b/c..d"], "not found"),
+    }
 
 
 @pytest.mark.parametrize("case", ["missing", "unsupported", "auto_map", "bad hub id"])
@@ -71,22 +84,36 @@ def test_bad_model_is_one_clear_line(tiny, tmp_path, case) -> None:
     args, needle = _bad(tmp_path)[case]
     _, docs = tiny
     out = tmp_path / "out"
-    res = runner.invoke(app, ["prune-oneshot", *args, "--data", str(docs[0]), "--budget", "50%",
-                              "--out", str(out)])
+    res = runner.invoke(
+        app, ["prune-oneshot", *args, "--data", str(docs[0]), "--budget", "50%", "--out", str(out)]
+    )
     assert res.exit_code == 2
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.output
     assert "Traceback" not in res.output and not out.exists()
 
 
-@pytest.mark.parametrize("budget,needle", [("1B", "not below the source"),
-                                           ("100", "smallest legal shape"),
-                                           ("lots", "not understood")])
+@pytest.mark.parametrize(
+    "budget,needle",
+    [("1B", "not below the source"), ("100", "smallest legal shape"), ("lots", "not understood")],
+)
 def test_bad_budget(tiny, tmp_path, budget, needle) -> None:
     src, docs = tiny
     out = tmp_path / "out"
-    res = runner.invoke(app, ["prune-oneshot", "--model", str(src), "--data", str(docs[0]),
-                              "--budget", budget, "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "prune-oneshot",
+            "--model",
+            str(src),
+            "--data",
+            str(docs[0]),
+            "--budget",
+            budget,
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 2 and needle in res.output and not out.exists(), res.output
     res = runner.invoke(app, ["plan", "--model", str(src), "--budget", budget])
     assert res.exit_code == 2 and needle in res.output
@@ -97,20 +124,51 @@ def test_binary_data_file(tiny, tmp_path) -> None:
     blob = tmp_path / "weights.txt"
     blob.write_bytes(b"\x00\x01\x02" * 1000)
     out = tmp_path / "out"
-    res = runner.invoke(app, ["prune-oneshot", "--model", str(src), "--data", str(blob),
-                              "--budget", "50%", "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "prune-oneshot",
+            "--model",
+            str(src),
+            "--data",
+            str(blob),
+            "--budget",
+            "50%",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 2 and "weights.txt" in res.output and not out.exists(), res.output
 
 
 def test_prune_oneshot_tiny_exports_and_reloads(tiny, tmp_path) -> None:
     src, docs = tiny
     out = tmp_path / "pruned"
-    res = runner.invoke(app, ["prune-oneshot", "--model", str(src), *_data_args(docs),
-                              "--budget", "60%", "--out", str(out), "--block-len", "32",
-                              "--calib-batches", "2", "--eval-tokens", "256",
-                              "--hidden-multiple", "1", "--ffn-multiple", "1"])
+    res = runner.invoke(
+        app,
+        [
+            "prune-oneshot",
+            "--model",
+            str(src),
+            *_data_args(docs),
+            "--budget",
+            "60%",
+            "--out",
+            str(out),
+            "--block-len",
+            "32",
+            "--calib-batches",
+            "2",
+            "--eval-tokens",
+            "256",
+            "--hidden-multiple",
+            "1",
+            "--ffn-multiple",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output[res.output.index("{"):])
+    report = json.loads(res.output[res.output.index("{") :])
     assert report["params"] <= report["budget"]
     assert report["perplexity_before"] > 1 and report["perplexity_after"] > 1
     from efficientllm.export import load_exported
@@ -123,13 +181,36 @@ def test_prune_oneshot_tiny_exports_and_reloads(tiny, tmp_path) -> None:
 def test_run_and_eval_cli(tiny, tmp_path) -> None:
     src, docs = tiny
     out = tmp_path / "run"
-    res = runner.invoke(app, ["run", "--preset", "tiny-debug", "--model", str(src),
-                              *_data_args(docs), "--out", str(out),
-                              "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            "--preset",
+            "tiny-debug",
+            "--model",
+            str(src),
+            *_data_args(docs),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (out / "events.jsonl").exists() and (out / "export" / "config.json").exists()
-    res = runner.invoke(app, ["eval", "--model", str(out / "export"), "--data", str(docs[0]),
-                              "--block-len", "32", "--max-tokens", "256"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(out / "export"),
+            "--data",
+            str(docs[0]),
+            "--block-len",
+            "32",
+            "--max-tokens",
+            "256",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "perplexity" in res.output and "block 32" in res.output
 
@@ -137,9 +218,23 @@ def test_run_and_eval_cli(tiny, tmp_path) -> None:
 @pytest.mark.real
 def test_demo_model_plan_67m_json(demo_model_dir) -> None:
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "efficientllm.cli", "plan", "--model",
-                           str(demo_model_dir), "--budget", "67M", "--json"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "efficientllm.cli",
+            "plan",
+            "--model",
+            str(demo_model_dir),
+            "--budget",
+            "67M",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert 67_000_000 * 0.995 <= plan["num_params"] <= 67_000_000
@@ -154,11 +249,32 @@ def test_demo_model_prune_oneshot_austen(demo_model_dir, austen, tmp_path) -> No
 
     train = [str(p) for t, p in austen.items() if t != DEMO_HELDOUT_BOOK][:1]
     out = tmp_path / "pruned"
-    proc = subprocess.run([sys.executable, "-m", "efficientllm.cli", "prune-oneshot",
-                           "--model", str(demo_model_dir), "--data", train[0],
-                           "--heldout", str(austen[DEMO_HELDOUT_BOOK]), "--budget", "67M",
-                           "--out", str(out), "--calib-batches", "2", "--eval-tokens", "2048"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "efficientllm.cli",
+            "prune-oneshot",
+            "--model",
+            str(demo_model_dir),
+            "--data",
+            train[0],
+            "--heldout",
+            str(austen[DEMO_HELDOUT_BOOK]),
+            "--budget",
+            "67M",
+            "--out",
+            str(out),
+            "--calib-batches",
+            "2",
+            "--eval-tokens",
+            "2048",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert 67_000_000 * 0.995 <= report["params"] <= 67_000_000

@@ -27,7 +27,7 @@ def _zero_(model, shape, group: Group) -> None:
     with torch.no_grad():
         for s in coupled_slices(shape, group):
             if s.param.endswith("*"):
-                for n, p in model.model.layers[group.layer].named_parameters():
+                for _n, p in model.model.layers[group.layer].named_parameters():
                     p.zero_()
                 continue
             p = params[s.param]
@@ -85,7 +85,9 @@ def test_many_groups_at_once_then_generate(family: str) -> None:
         Group("kvgroup", 1, (0,)),
     ]
     if ly.heads_per_group > 1:
-        groups.append(Group("qhead", 0, tuple(query_heads_of(kv, ly)[-1] for kv in range(ly.num_kv_heads))))
+        groups.append(
+            Group("qhead", 0, tuple(query_heads_of(kv, ly)[-1] for kv in range(ly.num_kv_heads)))
+        )
     for g in groups:
         _zero_(zeroed, shape, g)
     new_shape = prune_(model, shape, groups)
@@ -136,7 +138,9 @@ def test_layer_removal_drops_optimizer_params() -> None:
     new_shape = prune_(model, shape, [Group("layer", 0)], optimizer=opt)
     assert new_shape.num_layers == shape.num_layers - 1
     assert len(opt.param_groups[0]["params"]) == n_before - 9  # 2 norms + q,k,v,o + 3 mlp
-    assert [ly.self_attn.layer_idx for ly in model.model.layers] == list(range(new_shape.num_layers))
+    assert [ly.self_attn.layer_idx for ly in model.model.layers] == list(
+        range(new_shape.num_layers)
+    )
     model(ids, labels=ids).loss.backward()
     opt.step()
 

@@ -46,8 +46,11 @@ def assets(tmp_path_factory):
 
 def _cfg(assets, out: Path, **over):
     src, docs = assets
-    base = {"model": {"source": str(src)}, "data": {"train": [str(p) for p in docs]},
-            "out_dir": str(out)}
+    base = {
+        "model": {"source": str(src)},
+        "data": {"train": [str(p) for p in docs]},
+        "out_dir": str(out),
+    }
     for section, values in over.items():
         base.setdefault(section, {}).update(values)
     return build_config(preset="tiny-debug", overrides=base)
@@ -60,8 +63,12 @@ def test_trajectory_budget_events(assets, tmp_path, granularity) -> None:
     result = Trainer(cfg, sink=sink).run()
     started = sink.of(RunStarted)[0]
     budget, source = started.budget, started.source_params
-    plan = Plan.make(total_tokens=cfg.train.total_tokens, tokens_per_step=4 * 32,
-                     start_fraction=0.0, prune_fraction=0.5)
+    plan = Plan.make(
+        total_tokens=cfg.train.total_tokens,
+        tokens_per_step=4 * 32,
+        start_fraction=0.0,
+        prune_fraction=0.5,
+    )
     steps = sink.of(StepMetrics)
     assert [s.step for s in steps] == list(range(1, plan.total_steps + 1))
     assert all(torch.isfinite(torch.tensor(s.loss)) for s in steps)
@@ -143,9 +150,13 @@ def test_corrupt_newest_checkpoint_is_skipped(assets, tmp_path, caplog) -> None:
 
 
 def _run_cli(cfg_path: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "efficientllm.cli", "run", "--config",
-                             str(cfg_path), "--quiet"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "efficientllm.cli", "run", "--config", str(cfg_path), "--quiet"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _losses(events_path: Path, after: int = 0) -> dict[int, float]:
@@ -160,8 +171,14 @@ def test_sigkill_resume_matches_uninterrupted_run(assets, tmp_path) -> None:
     """A deterministic run killed with SIGKILL and restarted continues the same loss curve and
     ends with bitwise the same model as an uninterrupted run."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    over = {"train": {"deterministic": True, "total_tokens": 32 * 4 * 80, "checkpoint_every": 5,
-                      "eval_tokens": 0}}
+    over = {
+        "train": {
+            "deterministic": True,
+            "total_tokens": 32 * 4 * 80,
+            "checkpoint_every": 5,
+            "eval_tokens": 0,
+        }
+    }
     cfgs = {}
     for name in ("ref", "killed"):
         cfg = _cfg(assets, tmp_path / name, **over)
@@ -174,8 +191,9 @@ def test_sigkill_resume_matches_uninterrupted_run(assets, tmp_path) -> None:
     events = tmp_path / "killed" / "events.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if events.exists() and any(isinstance(e, CheckpointSaved) and e.step >= 10
-                                   for e in read_events(events)):
+        if events.exists() and any(
+            isinstance(e, CheckpointSaved) and e.step >= 10 for e in read_events(events)
+        ):
             break
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)

@@ -19,18 +19,33 @@ BASE = dict(
 
 # name -> config overrides. Covers MHA, GQA, tied/untied, biases, q/k norms.
 FAMILIES: dict[str, dict] = {
-    "llama_mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4,
-                      tie_word_embeddings=False),
-    "llama_gqa_tied": dict(model_type="llama", num_attention_heads=6, num_key_value_heads=2,
-                           tie_word_embeddings=True),
-    "llama_bias": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2,
-                       attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
-    "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2,
-                    tie_word_embeddings=False, sliding_window=None),
-    "qwen2": dict(model_type="qwen2", num_attention_heads=6, num_key_value_heads=2,
-                  tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2,
-                  tie_word_embeddings=True),
+    "llama_mha": dict(
+        model_type="llama", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False
+    ),
+    "llama_gqa_tied": dict(
+        model_type="llama", num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True
+    ),
+    "llama_bias": dict(
+        model_type="llama",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        sliding_window=None,
+    ),
+    "qwen2": dict(
+        model_type="qwen2", num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True
+    ),
+    "qwen3": dict(
+        model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+    ),
 }
 
 
@@ -52,9 +67,62 @@ def tiny_model(name: str, seed: int = 0, **overrides):
     return model.eval()
 
 
-WORDS = ("the a of and to in is was it he she they we you that his her not for on with as at "
-         "by but from this all were had have be one which their there when what said so out up "
-         "time day night house garden letter sister walk morning evening happy quiet").split()
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "it",
+    "he",
+    "she",
+    "they",
+    "we",
+    "you",
+    "that",
+    "his",
+    "her",
+    "not",
+    "for",
+    "on",
+    "with",
+    "as",
+    "at",
+    "by",
+    "but",
+    "from",
+    "this",
+    "all",
+    "were",
+    "had",
+    "have",
+    "be",
+    "one",
+    "which",
+    "their",
+    "there",
+    "when",
+    "what",
+    "said",
+    "so",
+    "out",
+    "up",
+    "time",
+    "day",
+    "night",
+    "house",
+    "garden",
+    "letter",
+    "sister",
+    "walk",
+    "morning",
+    "evening",
+    "happy",
+    "quiet",
+]
 
 
 def tiny_text(seed: int, n_paragraphs: int = 30) -> str:
@@ -62,8 +130,10 @@ def tiny_text(seed: int, n_paragraphs: int = 30) -> str:
     rng = random.Random(seed)
     paras = []
     for _ in range(n_paragraphs):
-        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))) + "."
-                 for _ in range(rng.randint(2, 5))]
+        sents = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))) + "."
+            for _ in range(rng.randint(2, 5))
+        ]
         paras.append(" ".join(sents))
     return "\n\n".join(paras)
 
@@ -78,8 +148,9 @@ def tiny_tokenizer(vocab_size: int = 96):
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
     tok.train_from_iterator([tiny_text(s) for s in range(5)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def save_tiny_source(folder, name: str = "llama_gqa_tied", seed: int = 0, **overrides):

@@ -1,4 +1,4 @@
-"""Qwen3: per-head RMSNorm on q and k over head_dim (never pruned); ``attention_bias`` on q/k/v/o."""
+"""Qwen3: per-head RMSNorm on q and k over head_dim (never pruned); attention_bias on q/k/v/o."""
 
 from efficientllm.arch.base import ArchAdapter, _field, register
 
