@@ -17,6 +17,7 @@ of the next smaller one, so a run ends close to its budget instead of far below 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -73,16 +74,36 @@ class _State:
         # alive lists map current index -> original index
         self.q_alive = [list(range(len(x))) for x in self.q]
         self.kv_alive = [list(range(len(x))) for x in self.kv]
-        self.ffn_alive = [list(range(len(x))) for x in self.ffn]
-        self.hidden_alive = list(range(len(self.hidden)))
+        self.ffn_rank = [_Ranked(x) for x in self.ffn]
+        self.hidden_rank = _Ranked(self.hidden)
         self.layer_alive = list(range(len(self.layer)))
         self.drops = Drops()
 
 
-def _lowest(values: list[float], alive: list[int], k: int) -> list[int]:
-    """Current indices of the k lowest-scoring alive units."""
-    order = sorted(range(len(alive)), key=lambda i: (values[alive[i]], i))
-    return sorted(order[:k])
+class _Ranked:
+    """Units of one width (an FFN or the hidden stream) ranked once by score. Removal always
+    takes the lowest alive units, so the ranking is consumed from the front: O(k log n) a pick."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+        self.order = sorted(range(len(values)), key=lambda i: (values[i], i))
+        self.ptr = 0
+        self.alive = list(range(len(values)))  # original indices, ascending
+
+    def lowest(self, k: int) -> tuple[list[int], float]:
+        """Current indices and summed score of the k lowest alive units."""
+        picked = self.order[self.ptr : self.ptr + k]
+        return sorted(bisect_left(self.alive, o) for o in picked), sum(
+            self.values[o] for o in picked
+        )
+
+    def remove(self, current: Sequence[int], into: set[int]) -> None:
+        originals = [self.alive[i] for i in current]
+        assert sorted(originals) == sorted(self.order[self.ptr : self.ptr + len(current)])
+        self.ptr += len(current)
+        for o in sorted(originals, reverse=True):
+            del self.alive[bisect_left(self.alive, o)]
+        into.update(originals)
 
 
 def _layer_candidate(
@@ -94,8 +115,8 @@ def _layer_candidate(
         k = width % mf or mf
         if width - k < 1:
             return None
-        idx = _lowest(st.ffn[orig], st.ffn_alive[orig], k)
-        return Group("ffn", li, tuple(idx)), sum(st.ffn[orig][st.ffn_alive[orig][i]] for i in idx)
+        idx, score = st.ffn_rank[orig].lowest(k)
+        return Group("ffn", li, tuple(idx)), score
     if kind == "qhead":
         g = ly.heads_per_group
         if g < 2:
@@ -140,8 +161,7 @@ def _candidates(
             k = shape.hidden_size % mh or mh
             if shape.hidden_size - k < 1:
                 continue
-            idx = _lowest(st.hidden, st.hidden_alive, k)
-            score = sum(st.hidden[st.hidden_alive[i]] for i in idx)
+            idx, score = st.hidden_rank.lowest(k)
             g = Group("hidden", None, tuple(idx))
             out.append(Removal("hidden", (g,), score, group_cost(shape, g)))
             continue
@@ -173,12 +193,12 @@ def _apply(st: _State, shape: ModelShape, removal: Removal) -> ModelShape:
     d = st.drops
     for g in removal.groups:
         if g.kind == "hidden":
-            _pop(st.hidden_alive, g.units, d.hidden)
+            st.hidden_rank.remove(g.units, d.hidden)
         else:
             orig = st.layer_alive[g.layer]
             ly = shape.layers[g.layer]
             if g.kind == "ffn":
-                _pop(st.ffn_alive[orig], g.units, d.ffn.setdefault(orig, set()))
+                st.ffn_rank[orig].remove(g.units, d.ffn.setdefault(orig, set()))
             elif g.kind == "qhead":
                 _pop(st.q_alive[orig], g.units, d.q.setdefault(orig, set()))
             elif g.kind == "kvgroup":
