@@ -1,0 +1,176 @@
+"""Monitor state: what one browser session knows about one job, advanced with a cursor.
+
+``load`` reads a job's history once (metrics, evals, architecture snapshots from their tables;
+the event log paged to its end); ``advance`` then folds only the events after the cursor, so a
+1 s poll costs one job row and the new events. The state is a plain dict (a ``gr.State``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from db import repo
+
+if TYPE_CHECKING:
+    from app.main import AppContext
+
+log = logging.getLogger(__name__)
+LOG_LINES = 200
+PAGE = 500
+
+
+def job_info(job: Any, position: int | None = None) -> dict[str, Any]:
+    """The job row fields the UI shows."""
+    return {
+        "id": job.id,
+        "name": job.name,
+        "owner": job.owner,
+        "status": job.status,
+        "phase": job.phase,
+        "step": job.step,
+        "total_steps": job.total_steps,
+        "params": job.params,
+        "budget": job.budget,
+        "source_params": job.source_params,
+        "eta": job.eta_seconds,
+        "error": job.error_message,
+        "position": position,
+        "created": job.created_at.strftime("%Y-%m-%d %H:%M:%S") if job.created_at else "",
+    }
+
+
+def log_line(e: dict[str, Any]) -> str | None:
+    """One human line for an event (None for per-step noise)."""
+    kind, step = e.get("type"), e.get("step", 0)
+    if kind == "started":
+        resumed = e.get("resumed_from")
+        extra = f", resumed from step {resumed}" if resumed is not None else ""
+        return f"step {step}: started ({e.get('source_params', 0):,} params{extra})"
+    if kind == "pruned":
+        removed = ", ".join(f"{v} {k}" for k, v in (e.get("removed") or {}).items())
+        return f"step {step}: pruned {removed} -> {e.get('params_after', 0):,} params"
+    if kind == "eval":
+        return f"step {step}: {e.get('label')} perplexity {e.get('ppl', float('nan')):.2f}"
+    if kind == "phase":
+        return f"step {step}: phase {e.get('phase')}"
+    if kind == "checkpoint":
+        return f"step {step}: checkpoint saved"
+    if kind in ("exported", "finished", "stopped"):
+        return f"step {step}: {kind} {e.get('reason', '')}".rstrip()
+    if kind == "failed":
+        return f"step {step}: failed: {e.get('error', '')}"
+    return None
+
+
+def _snap(e: dict[str, Any], kind: str, params: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "step": e.get("step", 0),
+        "tokens": e.get("tokens", 0),
+        "params": params,
+        "shape": e.get("shape") or {},
+        "saliency": e.get("saliency") or {},
+    }
+
+
+def fold(state: dict[str, Any], events: list[dict[str, Any]]) -> bool:
+    """Apply new event payloads to ``state``; True if a chart needs redrawing."""
+    changed = False
+    for e in events:
+        kind = e.get("type")
+        line = log_line(e)
+        if line:
+            state["log"].append(line)
+        if kind == "step":
+            state["metrics"].append(
+                {k: e.get(k) for k in ("step", "tokens", "loss", "params", "target_params")}
+            )
+        elif kind == "eval":
+            state["evals"].append({k: e.get(k) for k in ("step", "tokens", "ppl", "label")})
+        elif kind == "started" and isinstance(e.get("shape"), dict):
+            if state["source"] is None:
+                state["source"] = e["shape"]
+                state["snaps"].append(_snap(e, "source", e.get("source_params")))
+        elif kind == "pruned" and isinstance(e.get("shape"), dict):
+            state["snaps"].append(_snap(e, "pruned", e.get("params_after")))
+        elif kind == "finished" and isinstance(e.get("shape"), dict):
+            state["snaps"].append(_snap(e, "final", e.get("params")))
+        else:
+            continue
+        changed = True
+    del state["log"][:-LOG_LINES]
+    return changed
+
+
+def load(ctx: AppContext, *, job_id: str, owner: str) -> dict[str, Any] | None:
+    """The full state of ``owner``'s job (None if not found or not owned)."""
+    with ctx.session() as s:
+        job = repo.get_job(s, job_id=job_id, owner=owner)
+        if job is None:
+            return None
+        snaps = repo.snapshots(s, job_id=job_id)
+        points = repo.metrics(s, job_id=job_id)
+        evals = repo.evals(s, job_id=job_id)
+        state: dict[str, Any] = {
+            "job_id": job_id,
+            "cursor": 0,
+            "job": job_info(job),
+            "source": next((x.shape for x in snaps if x.kind == "source"), None),
+            "snaps": [
+                {
+                    "kind": x.kind,
+                    "step": x.step,
+                    "tokens": x.tokens,
+                    "params": x.params,
+                    "shape": x.shape,
+                    "saliency": x.saliency or {},
+                }
+                for x in snaps
+            ],
+            "metrics": [
+                {
+                    "step": p.step,
+                    "tokens": p.tokens,
+                    "loss": p.loss,
+                    "params": p.params,
+                    "target_params": p.target_params,
+                }
+                for p in points
+            ],
+            "evals": [
+                {"step": v.step, "tokens": v.tokens, "ppl": v.ppl, "label": v.label} for v in evals
+            ],
+            "log": [],
+        }
+        while True:
+            rows = repo.events_after(s, job_id=job_id, cursor=state["cursor"], limit=PAGE)
+            for row in rows:
+                line = log_line(row.payload)
+                if line:
+                    state["log"].append(line)
+            del state["log"][:-LOG_LINES]
+            if rows:
+                state["cursor"] = rows[-1].seq
+            if len(rows) < PAGE:
+                break
+    return state
+
+
+def advance(ctx: AppContext, state: dict[str, Any], *, owner: str) -> bool:
+    """Fetch the job row and the events after the cursor; True if anything changed."""
+    with ctx.session() as s:
+        job = repo.get_job(s, job_id=state["job_id"], owner=owner)
+        if job is None:
+            return False
+        info = job_info(
+            job, repo.queue_position(s, job_id=job.id) if job.status == "queued" else None
+        )
+        rows = repo.events_after(s, job_id=state["job_id"], cursor=state["cursor"], limit=PAGE)
+    changed = info != state["job"]
+    state["job"] = info
+    if rows:
+        state["cursor"] = rows[-1].seq
+        fold(state, [r.payload for r in rows])
+        changed = True
+    return changed

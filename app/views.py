@@ -1,0 +1,373 @@
+"""Gradio Blocks: new job, jobs list, monitor (with results) and compare.
+
+Every handler is wrapped by :func:`guarded`: an ``EfficientLLMError`` becomes its message in
+the UI, anything else a generic message (the traceback goes to the server log only). All state
+comes from the DB, so a page refresh or a server restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from app import forms, monitor, plots
+from db import repo
+from efficientllm.errors import EfficientLLMError
+from efficientllm.presets import preset_names
+
+if TYPE_CHECKING:
+    from app.main import AppContext
+
+log = logging.getLogger(__name__)
+GENERIC = "Something went wrong on the server; the details are in the server log."
+JOB_COLUMNS = ["name", "id", "status", "phase", "progress", "params / budget", "ETA", "owner"]
+
+
+def guarded(n_outputs: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Show errors as the first output (a message); the other outputs stay unchanged."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except EfficientLLMError as err:
+                msg = f"**Cannot do that:** {err}"
+            except Exception:
+                log.exception("handler %s failed", fn.__name__)
+                msg = f"**Error:** {GENERIC}"
+            return (msg, *[gr.skip()] * (n_outputs - 1)) if n_outputs > 1 else msg
+
+        return inner
+
+    return wrap
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def _job_row(j: dict[str, Any]) -> list[Any]:
+    status = j["status"] + (f" (#{j['position']} in queue)" if j.get("position") else "")
+    progress = f"{j['step']}/{j['total_steps']}" if j.get("total_steps") else f"{j['step']}"
+    sizes = f"{plots.params_text(j['params'])} / {plots.params_text(j['budget'])}"
+    return [
+        j["name"],
+        j["id"],
+        status,
+        j["phase"] or "",
+        progress,
+        sizes,
+        _eta(j["eta"]),
+        j["owner"],
+    ]
+
+
+def job_table(ctx: AppContext, owner: str) -> tuple[list[list[Any]], list[tuple[str, str]]]:
+    """Rows for the jobs list and (label, id) choices for the job pickers."""
+    with ctx.session() as s:
+        infos = []
+        for job in repo.list_jobs(s, owner=owner, limit=200):
+            pos = repo.queue_position(s, job_id=job.id) if job.status == "queued" else None
+            infos.append(monitor.job_info(job, pos))
+    choices = [(f"{j['name'] or 'job'} · {j['id'][:8]} · {j['status']}", j["id"]) for j in infos]
+    return [_job_row(j) for j in infos], choices
+
+
+def status_text(j: dict[str, Any]) -> str:
+    """The status line above the monitor charts."""
+    parts = [f"**{j['status']}**"]
+    if j.get("position"):
+        parts.append(f"position {j['position']} in the queue")
+    if j.get("phase"):
+        parts.append(f"phase {j['phase']}")
+    if j.get("total_steps"):
+        parts.append(f"step {j['step']} of {j['total_steps']}")
+    parts.append(
+        f"{plots.params_text(j['params'])} params (budget {plots.params_text(j['budget'])})"
+    )
+    if j.get("eta") and j["status"] == "running":
+        parts.append(f"ETA {_eta(j['eta'])}")
+    text = " · ".join(parts)
+    if j["status"] == "failed" and j.get("error"):
+        text += f"\n\n**Error:** {j['error']}"
+    return text
+
+
+def arch_view(state: dict[str, Any] | None, index: int | None) -> tuple[Any, str]:
+    """The per-layer chart and its caption for snapshot ``index`` (default: the newest)."""
+    snaps = (state or {}).get("snaps") or []
+    if not snaps:
+        return None, "No architecture yet: the job has not started."
+    i = len(snaps) - 1 if index is None else max(0, min(int(index), len(snaps) - 1))
+    snap = snaps[i]
+    title = f"{snap['kind']} · step {snap['step']}"
+    fig = plots.arch_figure(snap["shape"], state["source"], title=title, params=snap["params"])
+    caption = (
+        f"snapshot {i + 1} of {len(snaps)} · {snap['kind']} at step {snap['step']} "
+        f"({snap['tokens']:,} tokens) · {snap['params'] or 0:,} params"
+    )
+    return fig, caption
+
+
+def results(state: dict[str, Any]) -> tuple[list[list[Any]], str, str]:
+    """Final shape table, perplexities and the download link (empty until it succeeded)."""
+    if state["job"]["status"] != "succeeded" or not state["snaps"]:
+        return [], "", ""
+    rows = plots.shape_rows(state["snaps"][-1]["shape"], state["source"])
+    ppl = {e["label"]: e["ppl"] for e in state["evals"]}
+    line = " · ".join(
+        f"{label}: {ppl[label]:.2f}"
+        for label in ("start", "after_pruning", "final")
+        if ppl.get(label)
+    )
+    href = f"/api/jobs/{state['job_id']}/artifact"
+    link = f'<a id="download-link" href="{href}" download>Download the export (.zip)</a>'
+    return rows, f"**Validation perplexity** {line}", link
+
+
+def build(ctx: AppContext) -> gr.Blocks:
+    """The whole UI."""
+    defaults = forms.FormValues()
+    with gr.Blocks(title="EfficientLLM") as ui:
+        state = gr.State(None)
+        with gr.Tabs() as tabs:
+            with gr.Tab("New job", id="new"):
+                with gr.Row():
+                    preset = gr.Dropdown(preset_names(), value=defaults.preset, label="Preset")
+                    model = gr.Dropdown(
+                        forms.KNOWN_MODELS,
+                        value=defaults.model,
+                        label="Source model",
+                        allow_custom_value=True,
+                        elem_id="model",
+                    )
+                    budget = gr.Textbox(
+                        defaults.budget, label="Budget (67M, 0.5B or 50%)", elem_id="budget"
+                    )
+                with gr.Row():
+                    dataset = gr.Dropdown(
+                        [forms.DEMO_DATA],
+                        value=defaults.dataset,
+                        label="Dataset",
+                        allow_custom_value=True,
+                        elem_id="dataset",
+                    )
+                    upload = gr.File(
+                        label="Upload .txt / .jsonl / .parquet",
+                        elem_id="upload",
+                        file_types=list(forms.UPLOAD_SUFFIXES),
+                    )
+                with gr.Accordion("Advanced", open=False):
+                    tokens = gr.Number(defaults.total_tokens, label="Total tokens", precision=0)
+                    fraction = gr.Slider(
+                        0.05,
+                        1.0,
+                        defaults.prune_fraction,
+                        step=0.05,
+                        label="Prune fraction (share of tokens)",
+                    )
+                    granularity = gr.Radio(
+                        forms.GRANULARITIES, value=defaults.granularity, label="Granularity"
+                    )
+                    scorer = gr.Dropdown(forms.SCORERS, value=defaults.scorer, label="Saliency")
+                name = gr.Textbox("", label="Job name", elem_id="job-name")
+                with gr.Row():
+                    predict_btn = gr.Button("Predict architecture", elem_id="predict")
+                    launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
+                new_msg = gr.Markdown(elem_id="new-msg")
+                predicted = gr.Plot(label="Predicted architecture", elem_id="predicted-plot")
+            with gr.Tab("Jobs", id="jobs"):
+                jobs = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, elem_id="jobs-table")
+            with gr.Tab("Monitor", id="monitor"):
+                with gr.Row():
+                    pick = gr.Dropdown([], label="Job", elem_id="monitor-job")
+                    cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="cancel")
+                status = gr.Markdown(elem_id="monitor-status")
+                arch = gr.Plot(label="Architecture per layer", elem_id="arch-plot")
+                scrub = gr.Slider(0, 1, 0, step=1, label="Pruning event", elem_id="arch-slider")
+                caption = gr.Markdown(elem_id="arch-caption")
+                with gr.Row():
+                    params_plot = gr.Plot(label="Parameters")
+                    loss_plot = gr.Plot(label="Loss and perplexity")
+                sal_plot = gr.Plot(label="Pruned fraction and saliency")
+                events = gr.Textbox(label="Event log", lines=10, max_lines=10, elem_id="event-log")
+                gr.Markdown("### Results")
+                ppl_md = gr.Markdown(elem_id="results-ppl")
+                download = gr.HTML(elem_id="download")
+                table = gr.Dataframe(
+                    headers=["layer", "query heads", "KV heads", "FFN width"],
+                    interactive=False,
+                    elem_id="final-shape",
+                )
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row():
+                    job_a, job_b = gr.Dropdown([], label="Job A"), gr.Dropdown([], label="Job B")
+                compare_msg = gr.Markdown()
+                compare_plot = gr.Plot(label="Final architectures")
+        monitor_timer, jobs_timer = gr.Timer(1.0), gr.Timer(3.0)
+
+        form = [preset, model, budget, dataset, tokens, fraction, granularity, scorer]
+        monitor_out = [
+            status,
+            arch,
+            scrub,
+            caption,
+            params_plot,
+            loss_plot,
+            sal_plot,
+            events,
+            table,
+            ppl_md,
+            download,
+        ]
+
+        def owner_of(request: gr.Request) -> str:
+            return ctx.owner(getattr(request, "username", None))
+
+        def values_of(*values: Any) -> forms.FormValues:
+            return forms.FormValues(**dict(zip(forms.FIELD_ORDER, values, strict=True)))
+
+        def config_of(values: forms.FormValues, request: gr.Request) -> dict[str, Any]:
+            return forms.form_to_config(values, owner=owner_of(request), data_root=ctx.data_dir)
+
+        def render(st: dict[str, Any]) -> list[Any]:
+            fig, cap = arch_view(st, None)
+            n = max(len(st["snaps"]) - 1, 0)
+            evals = [e for e in st["evals"] if e.get("ppl") is not None]
+            sal = [s for s in st["snaps"] if s["kind"] == "pruned"]
+            rows, ppl, link = results(st)
+            return [
+                status_text(st["job"]),
+                fig,
+                gr.Slider(maximum=max(n, 1), value=n),
+                cap,
+                plots.params_figure(st["metrics"]),
+                plots.loss_figure(st["metrics"], evals),
+                plots.saliency_figure(sal, st["source"]),
+                "\n".join(st["log"][-100:]),
+                rows,
+                ppl,
+                link,
+            ]
+
+        @guarded(len(form))
+        def on_preset(*values: Any) -> list[Any]:
+            return forms.preset_form(values[0], values_of(*values)).as_list()
+
+        @guarded(2)
+        def on_upload(file: Any, request: gr.Request) -> tuple[str, Any]:
+            if file is None:
+                return "", gr.skip()
+            path = getattr(file, "name", file)
+            ds = forms.save_upload(
+                path,
+                owner=owner_of(request),
+                data_root=ctx.data_dir,
+                max_bytes=ctx.max_upload_bytes,
+            )
+            return f"Uploaded as `{ds}`.", gr.Dropdown(choices=[forms.DEMO_DATA, ds], value=ds)
+
+        @guarded(2)
+        def on_predict(pr, mo, bu, ds, tk, fr, gr_, sc, request: gr.Request) -> tuple[str, Any]:
+            p = forms.predict(config_of(values_of(pr, mo, bu, ds, tk, fr, gr_, sc), request))
+            msg = (
+                f"**Predicted:** {p.num_params:,} parameters ({plots.params_text(p.num_params)}) "
+                f"for a budget of {p.budget:,}; source {p.source.num_params():,}. "
+                + " ".join(p.notes)
+            )
+            return msg, plots.arch_figure(
+                p.shape.to_dict(), p.source.to_dict(), title="predicted", params=p.num_params
+            )
+
+        @guarded(5)
+        def on_launch(
+            job_name: str, pr, mo, bu, ds, tk, fr, gr_, sc, request: gr.Request
+        ) -> tuple[Any, ...]:
+            config = config_of(values_of(pr, mo, bu, ds, tk, fr, gr_, sc), request)
+            p = forms.predict(config)  # unknown model, budget above the source: nothing queued
+            from worker.submit import submit_job
+
+            owner = owner_of(request)
+            with ctx.session() as s:
+                job_id = submit_job(
+                    s, config=config, owner=owner, name=job_name.strip() or "job", queue=ctx.queue
+                )
+            fig = plots.arch_figure(
+                p.shape.to_dict(), p.source.to_dict(), title="predicted", params=p.num_params
+            )
+            _, choices = job_table(ctx, owner)
+            msg = f"Queued job `{job_id}` ({plots.params_text(p.num_params)} predicted)."
+            st = monitor.load(ctx, job_id=job_id, owner=owner)
+            return (
+                msg,
+                fig,
+                gr.Dropdown(choices=choices, value=job_id),
+                st,
+                gr.Tabs(selected="monitor"),
+            )
+
+        @guarded(len(monitor_out) + 1)
+        def on_pick(job_id: str | None, request: gr.Request) -> list[Any]:
+            st = monitor.load(ctx, job_id=job_id, owner=owner_of(request)) if job_id else None
+            if st is None:
+                return ["Choose a job.", *[gr.skip()] * (len(monitor_out) - 1), None]
+            return [*render(st), st]
+
+        @guarded(len(monitor_out) + 1)
+        def on_tick(st: dict[str, Any] | None, request: gr.Request) -> list[Any]:
+            if not st or not monitor.advance(ctx, st, owner=owner_of(request)):
+                return [gr.skip()] * (len(monitor_out) + 1)
+            return [*render(st), st]
+
+        @guarded(1)
+        def on_cancel(st: dict[str, Any] | None, request: gr.Request) -> str:
+            if not st:
+                return "Choose a job first."
+            from worker.submit import cancel_job
+
+            with ctx.session() as s:
+                cancel_job(s, job_id=st["job_id"], owner=owner_of(request))
+            return "Cancel requested."
+
+        def on_jobs(request: gr.Request) -> list[Any]:
+            try:
+                rows, choices = job_table(ctx, owner_of(request))
+            except Exception:
+                log.exception("listing jobs failed")
+                return [gr.skip()] * 4
+            return [rows, *[gr.Dropdown(choices=choices) for _ in range(3)]]
+
+        @guarded(2)
+        def on_compare(a: str | None, b: str | None, request: gr.Request) -> tuple[str, Any]:
+            owner, shapes = owner_of(request), []
+            for job_id in (a, b):
+                st = monitor.load(ctx, job_id=job_id, owner=owner) if job_id else None
+                if not st or not st["snaps"]:
+                    return "Choose two jobs that have an architecture.", gr.skip()
+                shapes.append(st["snaps"][-1]["shape"])
+            return "", plots.compare_figure(shapes[0], shapes[1], names=(a[:8], b[:8]))
+
+        preset.input(on_preset, form, form)
+        upload.upload(on_upload, [upload], [new_msg, dataset])
+        predict_btn.click(on_predict, form, [new_msg, predicted])
+        launch_btn.click(on_launch, [name, *form], [new_msg, predicted, pick, state, tabs]).then(
+            on_pick, [pick], [*monitor_out, state]
+        )
+        pick.input(on_pick, [pick], [*monitor_out, state])
+        scrub.input(lambda st, i: arch_view(st, i), [state, scrub], [arch, caption])
+        monitor_timer.tick(on_tick, [state], [*monitor_out, state], show_progress="hidden")
+        cancel_btn.click(on_cancel, [state], [status])
+        jobs_out = [jobs, pick, job_a, job_b]
+        jobs_timer.tick(on_jobs, None, jobs_out, show_progress="hidden")
+        ui.load(on_jobs, None, jobs_out)
+        job_b.input(on_compare, [job_a, job_b], [compare_msg, compare_plot])
+        job_a.input(on_compare, [job_a, job_b], [compare_msg, compare_plot])
+    return ui
