@@ -1,6 +1,6 @@
 """``GET /api/jobs/{job_id}/artifact``: a job's export as a zip, for its owner only.
 
-The path is chosen by the server: the job's newest ``export`` Artifact row, relative to the
+The files are chosen by the server: the job's ``export`` Artifact rows, relative to the
 artifacts root (the data directory). Not found, not owned, not finished, or a path that resolves
 outside the root (``..``, absolute, a planted symlink) all answer the same 404. Gradio's own file
 routes are never used for this (no ``allowed_paths``).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import re
 import tempfile
 import zipfile
@@ -42,35 +43,35 @@ def inside(root: Path, rel: str) -> Path | None:
     return candidate
 
 
-def export_path(ctx: AppContext, *, job_id: str, owner: str) -> Path | None:
-    """The export folder/file of ``owner``'s job, or None (any reason: the caller says 404)."""
+def export_files(ctx: AppContext, *, job_id: str, owner: str) -> list[tuple[Path, str]]:
+    """(file, name in the zip) for every recorded export file of ``owner``'s job; [] = 404.
+
+    Only files named by the job's ``export`` Artifact rows are served; each must resolve (links
+    followed) to a regular file inside the artifacts root, or the whole download is refused.
+    """
     if not _JOB_ID.match(job_id):
-        return None
+        return []
     with ctx.session() as s:
-        job = repo.get_job(s, job_id=job_id, owner=owner)
-        if job is None:
-            return None
-        rows = repo.artifacts(s, job_id=job_id, kind="export")
-    if not rows:
-        return None
-    path = inside(ctx.data_dir, rows[-1].path)
-    return path if path is not None and path.exists() else None
+        if repo.get_job(s, job_id=job_id, owner=owner) is None:
+            return []
+        rels = [a.path for a in repo.artifacts(s, job_id=job_id, kind="export")]
+    if not rels:
+        return []
+    common = posixpath.commonpath([posixpath.dirname(r) for r in rels])
+    out = []
+    for rel in rels:
+        path = inside(ctx.data_dir, rel)
+        if path is None or not path.is_file():
+            log.warning("job %s: export file %r is missing or outside the root", job_id, rel)
+            return []
+        out.append((path, posixpath.join("export", posixpath.relpath(rel, common or "."))))
+    return out
 
 
-def _zip(src: Path, root: Path, dest: Path) -> None:
-    """Write ``src`` (a file, or a folder's regular files) into ``dest``; skip escaping links."""
+def _zip(files: list[tuple[Path, str]], dest: Path) -> None:
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        if src.is_file():
-            zf.write(src, arcname=src.name)
-            return
-        for dirpath, _dirs, files in os.walk(src):
-            for name in sorted(files):
-                f = Path(dirpath) / name
-                real = f.resolve()
-                if not real.is_file() or (root not in real.parents):
-                    log.warning("skipping %s in a download: outside the artifacts root", f)
-                    continue
-                zf.write(real, arcname=str(Path(src.name) / f.relative_to(src)))
+        for path, arcname in files:
+            zf.write(path, arcname=arcname)
 
 
 def router(ctx: AppContext) -> APIRouter:
@@ -82,15 +83,15 @@ def router(ctx: AppContext) -> APIRouter:
         user = ctx.user_of(request)
         if user is None:
             raise _not_found()
-        path = export_path(ctx, job_id=job_id, owner=user)
-        if path is None:
+        files = export_files(ctx, job_id=job_id, owner=user)
+        if not files:
             raise _not_found()
         tmp_dir = ctx.data_dir / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f"{job_id}-", suffix=".zip", dir=tmp_dir)
         os.close(fd)
         try:
-            _zip(path, ctx.data_dir.resolve(), Path(name))
+            _zip(files, Path(name))
         except OSError:
             os.unlink(name)
             log.exception("could not zip the export of job %s", job_id)

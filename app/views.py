@@ -141,7 +141,9 @@ def build(ctx: AppContext) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("New job", id="new"):
                 with gr.Row():
-                    preset = gr.Dropdown(preset_names(), value=defaults.preset, label="Preset")
+                    preset = gr.Dropdown(
+                        preset_names(), value=defaults.preset, label="Preset", elem_id="preset"
+                    )
                     model = gr.Dropdown(
                         forms.KNOWN_MODELS,
                         value=defaults.model,

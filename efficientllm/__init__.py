@@ -1,17 +1,14 @@
 """EfficientLLM: pruning-aware pretraining of Llama-style causal LMs.
 
-``import efficientllm`` registers the heterogeneous model with transformers' Auto classes (when
-torch and transformers are installed), so that exports load with ``AutoModelForCausalLM``.
-The shape/count/plan modules work without torch.
+``import efficientllm`` is light (no torch): the shape, budget, config and preset modules work
+without it. The heterogeneous model is registered with transformers' Auto classes as soon as
+transformers loads them, so ``AutoModelForCausalLM.from_pretrained(export)`` finds it.
 """
 
 from __future__ import annotations
 
-import importlib.util
+from efficientllm import _autoregister
 
 __version__ = "0.1.0"
 
-if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
-    from efficientllm.modeling import register_auto_classes as _register
-
-    _register()
+_autoregister.install()

@@ -26,7 +26,7 @@ from efficientllm import checkpoint as ckpt
 from efficientllm.budget import check_budget, parse_budget
 from efficientllm.config import RunConfig
 from efficientllm.decide import decide
-from efficientllm.errors import NonFiniteLossError
+from efficientllm.errors import ConfigError, NonFiniteLossError
 from efficientllm.events import (
     CheckpointSaved,
     Evaluated,
@@ -160,6 +160,11 @@ class Trainer:
         device = _device(cfg)
         bf16 = device.type == "cuda" and cfg.model.dtype != "float32"
         accel = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+        if accel.num_processes > 1:
+            raise ConfigError(
+                "several processes (accelerate launch / torchrun) are not supported yet: physical "
+                "pruning would need all-reduced saliency and a re-wrapped DDP model after each "
+                "event; run on one GPU")
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         tokenizer = load_tokenizer(cfg.model.source)

@@ -12,6 +12,9 @@ reaper thread started on ``worker_ready``. Nothing here touches CUDA before the 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from typing import Any
 
 from celery import Celery, signals
@@ -85,25 +88,36 @@ def _requeue(sm: sessionmaker[Session], job_id: str) -> None:
         enqueue(job_id, queue=job.queue, sm=sm)
 
 
-_reaper: list[Reaper] = []
+_reaper: list[subprocess.Popen[bytes]] = []
+
+
+def reaper_main(parent_pid: int) -> None:
+    """Entry point of the reaper companion process (exits when its worker is gone)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s reaper %(message)s")
+    settings: Settings = app.efficientllm_settings  # type: ignore[attr-defined]
+    Reaper(settings.db_url, period_s=settings.reaper_s, requeue=_requeue).run(parent_pid=parent_pid)
 
 
 @signals.worker_ready.connect
 def _start_reaper(**_: Any) -> None:
-    """Start the reaper thread in the worker's main process (once; it also reaps at startup)."""
+    """Start the reaper companion process (it reaps once at once: orphans left at startup)."""
     if _reaper:
         return
+    code = f"from worker.celery_app import reaper_main; reaper_main({os.getpid()})"
+    _reaper.append(subprocess.Popen([sys.executable, "-c", code]))
     settings: Settings = app.efficientllm_settings  # type: ignore[attr-defined]
-    reaper = Reaper(settings.db_url, period_s=settings.reaper_s, requeue=_requeue)
-    reaper.start()
-    _reaper.append(reaper)
-    log.info("reaper started (every %.1f s)", settings.reaper_s)
+    log.info("reaper started (pid %d, every %.1f s)", _reaper[0].pid, settings.reaper_s)
 
 
 @signals.worker_shutdown.connect
 def _stop_reaper(**_: Any) -> None:
     while _reaper:
-        _reaper.pop().stop()
+        proc = _reaper.pop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @signals.worker_process_init.connect

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -120,24 +121,15 @@ class Heartbeat:
 class Reaper:
     """Every ``period_s``, re-queues jobs whose lease expired and hands their ids to ``requeue``.
 
-    Runs as a daemon thread in the worker's main process (no beat needed): each worker reaps,
-    and the compare-and-set in ``db.repo.reap_orphans`` lets exactly one of them win per job.
+    Each worker runs one in a small companion process (see ``worker.celery_app``): a thread in
+    the prefork parent could hold a lock while the pool forks a child, deadlocking it. The
+    compare-and-set in ``db.repo.reap_orphans`` lets exactly one reaper win per job.
     """
 
     def __init__(
         self, url: str, *, period_s: float, requeue: Callable[[sessionmaker[Session], str], None]
     ) -> None:
         self.url, self.period_s, self.requeue = url, period_s, requeue
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self.period_s + 5)
 
     def reap_once(self) -> list[str]:
         sm = sessions(self.url)
@@ -150,11 +142,15 @@ class Reaper:
                 log.exception("reaper: could not re-enqueue job %s", job_id)
         return ids
 
-    def _loop(self) -> None:
-        while True:
+    def run(self, *, parent_pid: int | None = None, max_passes: int | None = None) -> None:
+        """Reap until the parent process is gone (or ``max_passes`` passes, for tests)."""
+        passes = 0
+        while parent_pid is None or os.getppid() == parent_pid:
             try:
                 self.reap_once()
             except Exception:
                 log.exception("reaper pass failed")
-            if self._done.wait(self.period_s):
+            passes += 1
+            if max_passes is not None and passes >= max_passes:
                 return
+            time.sleep(self.period_s)

@@ -1,0 +1,147 @@
+"""The new-job form: widget values <-> RunConfig dict, and invalid input -> messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+
+from app import forms  # noqa: E402
+from app.views import GENERIC, guarded  # noqa: E402
+from efficientllm.errors import (  # noqa: E402
+    BudgetInfeasibleError,
+    ConfigError,
+    DataError,
+    ModelNotFoundError,
+)
+from efficientllm.shape import ModelShape  # noqa: E402
+
+
+@pytest.fixture
+def tiny_source(tmp_path: Path) -> Path:
+    from tiny import save_tiny_source
+
+    return save_tiny_source(tmp_path / "src")
+
+
+def values(**kw: object) -> forms.FormValues:
+    base = {"preset": "tiny-debug", "model": "demo", "budget": "60%", "dataset": "demo:austen"}
+    return forms.FormValues(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_widgets_map_one_to_one_to_config_fields(tmp_path: Path) -> None:
+    fv = values(budget="67M", total_tokens=4096, prune_fraction=0.4, granularity="uniform",
+                scorer="magnitude", dataset="hub:HuggingFaceFW/fineweb-edu")  # fmt: skip
+    cfg = forms.form_to_config(fv, owner="alice", data_root=tmp_path)
+    got = {w: cfg[sec][key] for w, (sec, key) in forms.FIELDS.items()}
+    assert got == {
+        "model": "demo", "budget": "67M", "dataset": ["hub:HuggingFaceFW/fineweb-edu"],
+        "total_tokens": 4096, "prune_fraction": 0.4, "granularity": "uniform",
+        "scorer": "magnitude",
+    }  # fmt: skip
+    assert cfg["train"]["batch_size"] == 4  # the rest comes from the preset
+    back = forms.config_to_form(cfg, preset="tiny-debug", owner="alice", data_root=tmp_path)
+    assert back == fv
+    assert tuple(forms.FormValues.__dataclass_fields__) == forms.FIELD_ORDER
+
+
+def test_upload_round_trip_stays_below_the_data_dir(tmp_path: Path) -> None:
+    src = tmp_path / "my corpus.txt"
+    src.write_text("hello world. " * 50, encoding="utf-8")
+    ds = forms.save_upload(src, owner="bob", data_root=tmp_path / "data", max_bytes=10**6)
+    assert ds.startswith("upload:") and ds.endswith("-my_corpus.txt")
+    cfg = forms.form_to_config(values(dataset=ds), owner="bob", data_root=tmp_path / "data")
+    path = Path(cfg["data"]["train"][0])
+    assert path.parent == (tmp_path / "data" / "uploads" / "bob").resolve() and path.is_file()
+    back = forms.config_to_form(cfg, preset="tiny-debug", owner="bob", data_root=tmp_path / "data")
+    assert back.dataset == ds
+    with pytest.raises(ConfigError, match="not found"):  # another user's upload name
+        forms.form_to_config(values(dataset=ds), owner="eve", data_root=tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"budget": "lots"}, "budget.target"),
+        ({"total_tokens": "many"}, "train.total_tokens: 'many' is not a number"),
+        ({"dataset": "/etc/passwd"}, "choose demo:austen"),
+        ({"dataset": "upload:../../x.txt"}, "not found"),
+        ({"preset": "nope"}, "preset 'nope' is unknown"),
+        ({"model": " "}, "model.source"),
+        ({"prune_fraction": 0}, "schedule.prune_fraction"),
+    ],
+)
+def test_invalid_values_give_messages(tmp_path: Path, kw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        forms.form_to_config(values(**kw), owner="a", data_root=tmp_path)
+    assert message in str(err.value)
+
+
+def test_bad_uploads(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        forms.save_upload(empty, owner="a", data_root=tmp_path, max_bytes=100)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(b"\x80\x04pickle")
+    with pytest.raises(DataError, match=r"\.txt, \.jsonl or \.parquet"):
+        forms.save_upload(evil, owner="a", data_root=tmp_path, max_bytes=100)
+    big = tmp_path / "big.txt"
+    big.write_text("x" * 101)
+    with pytest.raises(DataError, match="upload limit"):
+        forms.save_upload(big, owner="a", data_root=tmp_path, max_bytes=100)
+    assert not (tmp_path / "uploads").exists()
+
+
+def test_predict_exact_count_and_bad_models(tmp_path: Path, tiny_source: Path) -> None:
+    cfg = forms.form_to_config(values(model=str(tiny_source)), owner="a", data_root=tmp_path)
+    p = forms.predict(cfg)
+    src = p.source.num_params()
+    assert p.budget == int(src * 0.6) and p.num_params <= p.budget
+    assert p.num_params == ModelShape.from_dict(p.shape.to_dict()).num_params()
+    over = forms.form_to_config(
+        values(model=str(tiny_source), budget=str(src + 1)), owner="a", data_root=tmp_path
+    )
+    with pytest.raises(BudgetInfeasibleError, match="not below the source"):
+        forms.predict(over)
+    missing = forms.form_to_config(values(model="../no/such/model"), owner="a", data_root=tmp_path)
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        forms.predict(missing)
+
+
+def test_preset_fills_the_widgets() -> None:
+    fv = forms.preset_form("cpu-demo", values(model="x/y"))
+    assert (fv.model, fv.budget, fv.dataset, fv.total_tokens) == (
+        "demo",
+        "50%",
+        "demo:austen",
+        65536,
+    )
+    assert forms.preset_form("tiny-debug", values(model="x/y")).model == "x/y"
+
+
+def test_guarded_shows_messages_never_tracebacks() -> None:
+    @guarded(2)
+    def user_error() -> tuple[str, str]:
+        raise BudgetInfeasibleError("budget 5 is below the smallest legal shape")
+
+    @guarded(2)
+    def bug() -> tuple[str, str]:
+        raise KeyError("internal detail")
+
+    assert user_error()[0] == "**Cannot do that:** budget 5 is below the smallest legal shape"
+    msg = bug()[0]
+    assert GENERIC in msg and "KeyError" not in msg and "internal detail" not in msg
+
+
+def test_importing_the_app_loads_no_torch() -> None:
+    code = (
+        "import sys, app.main, app.views, app.forms, app.plots, app.downloads, app.monitor\n"
+        "bad = [m for m in ('torch', 'efficientllm.modeling') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
