@@ -26,18 +26,32 @@ def main(events_path: str, out: str) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(13, 7.5))
     n = len(src["layers"])
     x = list(range(n))
-    for ax, key, label in ((axes[0][0], "intermediate_size", "FFN channels"),
-                           (axes[0][1], "num_heads", "query heads (KV heads hatched)")):
+    for ax, key, label in (
+        (axes[0][0], "intermediate_size", "FFN channels"),
+        (axes[0][1], "num_heads", "query heads (KV heads hatched)"),
+    ):
         ax.bar(x, [ly[key] for ly in src["layers"]], color="#d9d9d9", label="source")
         ax.bar(x, [ly[key] for ly in final["layers"]], color="#3b7dd8", label="after pruning")
         if key == "num_heads":
-            ax.bar(x, [ly["num_kv_heads"] for ly in final["layers"]], color="none",
-                   edgecolor="#0b2e5e", hatch="//", label="KV heads")
+            ax.bar(
+                x,
+                [ly["num_kv_heads"] for ly in final["layers"]],
+                color="none",
+                edgecolor="#0b2e5e",
+                hatch="//",
+                label="KV heads",
+            )
         ax.set_xlabel("layer")
         ax.set_title(label)
         ax.legend(loc="upper right", fontsize=8)
-    axes[0][0].text(0.01, 0.97, f"hidden width {src['hidden_size']} -> {final['hidden_size']}",
-                    transform=axes[0][0].transAxes, va="top", fontsize=9)
+    axes[0][0].text(
+        0.01,
+        0.97,
+        f"hidden width {src['hidden_size']} -> {final['hidden_size']}",
+        transform=axes[0][0].transAxes,
+        va="top",
+        fontsize=9,
+    )
     tok = [s["tokens"] / 1e3 for s in steps]
     ax = axes[1][0]
     ax.plot(tok, [s["params"] / 1e6 for s in steps], label="parameters")
@@ -51,15 +65,26 @@ def main(events_path: str, out: str) -> None:
     ax.set_xlabel("training tokens (k)")
     ax.set_ylabel("train loss")
     ax2 = ax.twinx()
-    ax2.plot([e["tokens"] / 1e3 for e in evals], [e["ppl"] for e in evals], "o-", color="#c0392b",
-             label="held-out perplexity")
+    ax2.plot(
+        [e["tokens"] / 1e3 for e in evals],
+        [e["ppl"] for e in evals],
+        "o-",
+        color="#c0392b",
+        label="held-out perplexity",
+    )
     for e in evals:
-        ax2.annotate(f"{e['ppl']:.0f}", (e["tokens"] / 1e3, e["ppl"]), textcoords="offset points",
-                     xytext=(4, 4), fontsize=8, color="#c0392b")
+        ax2.annotate(
+            f"{e['ppl']:.0f}",
+            (e["tokens"] / 1e3, e["ppl"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+            color="#c0392b",
+        )
     ax2.set_ylabel("held-out perplexity")
     ax.set_title("loss and held-out perplexity")
-    fig.suptitle(f"{start['source_params'] / 1e6:.1f}M -> {final and steps[-1]['params'] / 1e6:.1f}M "
-                 "parameters, pruning-aware pretraining (cpu-demo preset)")
+    before, after = start["source_params"] / 1e6, steps[-1]["params"] / 1e6
+    fig.suptitle(f"{before:.1f}M -> {after:.1f}M parameters, pruning-aware pretraining")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
