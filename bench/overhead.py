@@ -34,18 +34,31 @@ from efficientllm.saliency import SaliencyAccumulator, compute_unit_scores
 from efficientllm.trainer import Trainer
 
 
-def _step(model, opt, batch, acc: SaliencyAccumulator | None, clip: bool = False) -> float:
+def _step(
+    model,
+    opt,
+    batch,
+    acc: SaliencyAccumulator | None,
+    clip: bool = False,
+    parts: dict | None = None,
+) -> float:
     t0 = time.perf_counter()
     loss = model(batch, labels=batch).loss
     loss.backward()
     del loss
+    t1 = time.perf_counter()
     if acc is not None:
         acc.update(compute_unit_scores(model, scorer="taylor1"))
+    t2 = time.perf_counter()
     if clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    t3 = time.perf_counter()
+    if parts is not None:
+        parts.setdefault("fwd_bwd", []).append(t1 - t0)
+        parts.setdefault("saliency", []).append(t2 - t1)
+    return t3 - t0
 
 
 def step_overhead(source: str, batches: list[torch.Tensor], reps: int) -> dict:

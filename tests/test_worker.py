@@ -9,6 +9,8 @@ a few seconds: long enough to be killed or cancelled mid-way.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import subprocess
 import sys
 import time
@@ -124,12 +126,17 @@ def test_happy_path_postgres(redis, reference, job_config, tmp_path: Path) -> No
         pytest.skip(reason)
     from efficientllm.export import load_exported
 
+    pubsub = redis.client(1).pubsub()
+    pubsub.psubscribe("efficientllm:job:*")
     with pg_schema() as url:
         stack = start_stack(tmp_path / "pg", redis_url=redis.url(1), db_url=url)
         try:
             job_id = stack.submit(job_config, owner="alice", name="r1")
             job = stack.wait_status(job_id, TERMINAL, 90)
             assert job.status == "succeeded", (job.error_message, stack.log_tail())
+            notes = _notifications(pubsub, f"efficientllm:job:{job_id}")
+            assert {"status": "succeeded", "job_id": job_id} in notes
+            assert any(n.get("type") == "checkpoint" for n in notes)
             assert job.attempt == 1 and job.started_at and job.finished_at
             assert job.celery_task_id
             assert _losses(stack, job_id) == reference["losses"]
@@ -147,6 +154,19 @@ def test_happy_path_postgres(redis, reference, job_config, tmp_path: Path) -> No
             assert model.num_parameters() > 0
         finally:
             stack.stop()
+            pubsub.close()
+
+
+def _notifications(pubsub, channel: str) -> list[dict]:
+    """The JSON messages received so far on ``channel`` (bounded drain)."""
+    out = []
+    for _ in range(10_000):
+        msg = pubsub.get_message(timeout=0.2)
+        if msg is None:
+            break
+        if msg["type"] == "pmessage" and msg["channel"].decode() == channel:
+            out.append(json.loads(msg["data"]))
+    return out
 
 
 @pytest.mark.slow
@@ -172,6 +192,7 @@ def test_kill_pool_child_resumes(sqlite_stack, reference, job_config) -> None:
     assert job.resumed_from_step is not None and 10 <= job.resumed_from_step < STEPS
     assert _losses(stack, job_id) == reference["losses"]
     _assert_same_weights(load_file(_export_file(stack, job_id)), reference["weights"])
+    logging.getLogger(__name__).info("R2 recovery: %.1f s from kill to attempt 2", recovery)
     # TTL (5 s) + reaper period (1 s) + a margin
     assert recovery < 15, f"recovery took {recovery:.1f} s"
 
@@ -259,8 +280,11 @@ def test_embedded_default(job_config, tmp_path: Path) -> None:
 # ---- fast unit checks --------------------------------------------------------------------------
 def test_submit_imports_no_torch() -> None:
     code = (
-        "import sys, worker.submit, worker.celery_app, worker.settings; "
-        "bad = [m for m in ('torch', 'transformers', 'worker.tasks') if m in sys.modules]; "
+        "import sys, worker.submit, worker.celery_app, worker.settings\n"
+        "from efficientllm.errors import ConfigError\n"
+        "try:\n    worker.submit.validate_config({'train': {'lr': -1}})\n"
+        "except ConfigError:\n    pass\n"
+        "bad = [m for m in ('torch', 'transformers', 'worker.tasks') if m in sys.modules]\n"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

@@ -23,9 +23,8 @@ log = logging.getLogger(__name__)
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """The config as ``RunConfig.to_dict()``; raises ``ConfigError`` listing every problem.
 
-    Imported lazily: ``efficientllm.config`` itself is torch-free, but the ``efficientllm``
-    package ``__init__`` currently registers the model classes (importing torch) when torch is
-    installed, so this call may load torch; importing this module does not.
+    ``efficientllm.config`` is torch-free (tests/test_worker.py checks it); imported lazily
+    anyway so that ``import worker.submit`` stays light.
     """
     from efficientllm.config import RunConfig
 
