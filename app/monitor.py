@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from app import plots
 from db import repo
 
 if TYPE_CHECKING:
@@ -174,3 +175,90 @@ def advance(ctx: AppContext, state: dict[str, Any], *, owner: str) -> bool:
         fold(state, [r.payload for r in rows])
         changed = True
     return changed
+
+
+# ---- presentation of the state -----------------------------------------------------------
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def _job_row(j: dict[str, Any]) -> list[Any]:
+    status = j["status"] + (f" (#{j['position']} in queue)" if j.get("position") else "")
+    progress = f"{j['step']}/{j['total_steps']}" if j.get("total_steps") else f"{j['step']}"
+    sizes = f"{plots.params_text(j['params'])} / {plots.params_text(j['budget'])}"
+    return [
+        j["name"],
+        j["id"],
+        status,
+        j["phase"] or "",
+        progress,
+        sizes,
+        _eta(j["eta"]),
+        j["owner"],
+    ]
+
+
+def job_table(ctx: AppContext, owner: str) -> tuple[list[list[Any]], list[tuple[str, str]]]:
+    """Rows for the jobs list and (label, id) choices for the job pickers."""
+    with ctx.session() as s:
+        infos = []
+        for job in repo.list_jobs(s, owner=owner, limit=200):
+            pos = repo.queue_position(s, job_id=job.id) if job.status == "queued" else None
+            infos.append(job_info(job, pos))
+    choices = [(f"{j['name'] or 'job'} · {j['id'][:8]} · {j['status']}", j["id"]) for j in infos]
+    return [_job_row(j) for j in infos], choices
+
+
+def status_text(j: dict[str, Any]) -> str:
+    """The status line above the monitor charts."""
+    parts = [f"**{j['status']}**"]
+    if j.get("position"):
+        parts.append(f"position {j['position']} in the queue")
+    if j.get("phase"):
+        parts.append(f"phase {j['phase']}")
+    if j.get("total_steps"):
+        parts.append(f"step {j['step']} of {j['total_steps']}")
+    parts.append(
+        f"{plots.params_text(j['params'])} params (budget {plots.params_text(j['budget'])})"
+    )
+    if j.get("eta") and j["status"] == "running":
+        parts.append(f"ETA {_eta(j['eta'])}")
+    text = " · ".join(parts)
+    if j["status"] == "failed" and j.get("error"):
+        text += f"\n\n**Error:** {j['error']}"
+    return text
+
+
+def arch_view(state: dict[str, Any] | None, index: int | None) -> tuple[Any, str]:
+    """The per-layer chart and its caption for snapshot ``index`` (default: the newest)."""
+    snaps = (state or {}).get("snaps") or []
+    if not snaps:
+        return None, "No architecture yet: the job has not started."
+    i = len(snaps) - 1 if index is None else max(0, min(int(index), len(snaps) - 1))
+    snap = snaps[i]
+    title = f"{snap['kind']} · step {snap['step']}"
+    fig = plots.arch_figure(snap["shape"], state["source"], title=title, params=snap["params"])
+    caption = (
+        f"snapshot {i + 1} of {len(snaps)} · {snap['kind']} at step {snap['step']} "
+        f"({snap['tokens']:,} tokens) · {snap['params'] or 0:,} params"
+    )
+    return fig, caption
+
+
+def results(state: dict[str, Any]) -> tuple[list[list[Any]], str, str]:
+    """Final shape table, perplexities and the download link (empty until it succeeded)."""
+    if state["job"]["status"] != "succeeded" or not state["snaps"]:
+        return [], "", ""
+    rows = plots.shape_rows(state["snaps"][-1]["shape"], state["source"])
+    ppl = {e["label"]: e["ppl"] for e in state["evals"]}
+    line = " · ".join(
+        f"{label}: {ppl[label]:.2f}"
+        for label in ("start", "after_pruning", "final")
+        if ppl.get(label)
+    )
+    href = f"/api/jobs/{state['job_id']}/artifact"
+    link = f'<a id="download-link" href="{href}" download>Download the export (.zip)</a>'
+    return rows, f"**Validation perplexity** {line}", link

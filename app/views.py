@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from app import forms, monitor, plots
-from db import repo
 from efficientllm.errors import EfficientLLMError
 from efficientllm.presets import preset_names
 
@@ -45,92 +44,6 @@ def guarded(n_outputs: int) -> Callable[[Callable[..., Any]], Callable[..., Any]
         return inner
 
     return wrap
-
-
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
-def _job_row(j: dict[str, Any]) -> list[Any]:
-    status = j["status"] + (f" (#{j['position']} in queue)" if j.get("position") else "")
-    progress = f"{j['step']}/{j['total_steps']}" if j.get("total_steps") else f"{j['step']}"
-    sizes = f"{plots.params_text(j['params'])} / {plots.params_text(j['budget'])}"
-    return [
-        j["name"],
-        j["id"],
-        status,
-        j["phase"] or "",
-        progress,
-        sizes,
-        _eta(j["eta"]),
-        j["owner"],
-    ]
-
-
-def job_table(ctx: AppContext, owner: str) -> tuple[list[list[Any]], list[tuple[str, str]]]:
-    """Rows for the jobs list and (label, id) choices for the job pickers."""
-    with ctx.session() as s:
-        infos = []
-        for job in repo.list_jobs(s, owner=owner, limit=200):
-            pos = repo.queue_position(s, job_id=job.id) if job.status == "queued" else None
-            infos.append(monitor.job_info(job, pos))
-    choices = [(f"{j['name'] or 'job'} · {j['id'][:8]} · {j['status']}", j["id"]) for j in infos]
-    return [_job_row(j) for j in infos], choices
-
-
-def status_text(j: dict[str, Any]) -> str:
-    """The status line above the monitor charts."""
-    parts = [f"**{j['status']}**"]
-    if j.get("position"):
-        parts.append(f"position {j['position']} in the queue")
-    if j.get("phase"):
-        parts.append(f"phase {j['phase']}")
-    if j.get("total_steps"):
-        parts.append(f"step {j['step']} of {j['total_steps']}")
-    parts.append(
-        f"{plots.params_text(j['params'])} params (budget {plots.params_text(j['budget'])})"
-    )
-    if j.get("eta") and j["status"] == "running":
-        parts.append(f"ETA {_eta(j['eta'])}")
-    text = " · ".join(parts)
-    if j["status"] == "failed" and j.get("error"):
-        text += f"\n\n**Error:** {j['error']}"
-    return text
-
-
-def arch_view(state: dict[str, Any] | None, index: int | None) -> tuple[Any, str]:
-    """The per-layer chart and its caption for snapshot ``index`` (default: the newest)."""
-    snaps = (state or {}).get("snaps") or []
-    if not snaps:
-        return None, "No architecture yet: the job has not started."
-    i = len(snaps) - 1 if index is None else max(0, min(int(index), len(snaps) - 1))
-    snap = snaps[i]
-    title = f"{snap['kind']} · step {snap['step']}"
-    fig = plots.arch_figure(snap["shape"], state["source"], title=title, params=snap["params"])
-    caption = (
-        f"snapshot {i + 1} of {len(snaps)} · {snap['kind']} at step {snap['step']} "
-        f"({snap['tokens']:,} tokens) · {snap['params'] or 0:,} params"
-    )
-    return fig, caption
-
-
-def results(state: dict[str, Any]) -> tuple[list[list[Any]], str, str]:
-    """Final shape table, perplexities and the download link (empty until it succeeded)."""
-    if state["job"]["status"] != "succeeded" or not state["snaps"]:
-        return [], "", ""
-    rows = plots.shape_rows(state["snaps"][-1]["shape"], state["source"])
-    ppl = {e["label"]: e["ppl"] for e in state["evals"]}
-    line = " · ".join(
-        f"{label}: {ppl[label]:.2f}"
-        for label in ("start", "after_pruning", "final")
-        if ppl.get(label)
-    )
-    href = f"/api/jobs/{state['job_id']}/artifact"
-    link = f'<a id="download-link" href="{href}" download>Download the export (.zip)</a>'
-    return rows, f"**Validation perplexity** {line}", link
 
 
 def build(ctx: AppContext) -> gr.Blocks:
@@ -241,20 +154,20 @@ def build(ctx: AppContext) -> gr.Blocks:
             return forms.form_to_config(values, owner=owner_of(request), data_root=ctx.data_dir)
 
         def render(st: dict[str, Any]) -> list[Any]:
-            fig, cap = arch_view(st, None)
+            fig, cap = monitor.arch_view(st, None)
             n = max(len(st["snaps"]) - 1, 0)
             evals = [e for e in st["evals"] if e.get("ppl") is not None]
             sal = [s for s in st["snaps"] if s["kind"] == "pruned"]
-            rows, ppl, link = results(st)
+            rows, ppl, link = monitor.results(st)
             return [
-                status_text(st["job"]),
+                monitor.status_text(st["job"]),
                 fig,
                 gr.Slider(maximum=max(n, 1), value=n),
                 cap,
                 plots.params_figure(st["metrics"]),
                 plots.loss_figure(st["metrics"], evals),
                 plots.saliency_figure(sal, st["source"]),
-                "\n".join(st["log"][-100:]),
+                "\n".join(reversed(st["log"][-100:])),
                 rows,
                 ppl,
                 link,
@@ -305,7 +218,7 @@ def build(ctx: AppContext) -> gr.Blocks:
             fig = plots.arch_figure(
                 p.shape.to_dict(), p.source.to_dict(), title="predicted", params=p.num_params
             )
-            _, choices = job_table(ctx, owner)
+            _, choices = monitor.job_table(ctx, owner)
             msg = f"Queued job `{job_id}` ({plots.params_text(p.num_params)} predicted)."
             st = monitor.load(ctx, job_id=job_id, owner=owner)
             return (
@@ -341,7 +254,7 @@ def build(ctx: AppContext) -> gr.Blocks:
 
         def on_jobs(request: gr.Request) -> list[Any]:
             try:
-                rows, choices = job_table(ctx, owner_of(request))
+                rows, choices = monitor.job_table(ctx, owner_of(request))
             except Exception:
                 log.exception("listing jobs failed")
                 return [gr.skip()] * 4
@@ -364,7 +277,7 @@ def build(ctx: AppContext) -> gr.Blocks:
             on_pick, [pick], [*monitor_out, state]
         )
         pick.input(on_pick, [pick], [*monitor_out, state])
-        scrub.input(lambda st, i: arch_view(st, i), [state, scrub], [arch, caption])
+        scrub.input(lambda st, i: monitor.arch_view(st, i), [state, scrub], [arch, caption])
         monitor_timer.tick(on_tick, [state], [*monitor_out, state], show_progress="hidden")
         cancel_btn.click(on_cancel, [state], [status])
         jobs_out = [jobs, pick, job_a, job_b]

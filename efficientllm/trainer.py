@@ -164,7 +164,8 @@ class Trainer:
             raise ConfigError(
                 "several processes (accelerate launch / torchrun) are not supported yet: physical "
                 "pruning would need all-reduced saliency and a re-wrapped DDP model after each "
-                "event; run on one GPU")
+                "event; run on one GPU"
+            )
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         tokenizer = load_tokenizer(cfg.model.source)

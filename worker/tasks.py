@@ -92,6 +92,7 @@ def run(job_id: str, settings: Settings | None = None) -> str:
     """Run (or resume) one job; returns the outcome ('noop', a terminal status or 'lost')."""
     from efficientllm.config import RunConfig
     from efficientllm.errors import EfficientLLMError
+    from efficientllm.presets import resolve_demo
     from efficientllm.trainer import Trainer
 
     settings = settings or get_settings()
@@ -124,7 +125,7 @@ def run(job_id: str, settings: Settings | None = None) -> str:
     with hb:
         try:
             try:
-                cfg = RunConfig.from_dict({**job.config, "out_dir": str(out_dir)})
+                cfg = resolve_demo(RunConfig.from_dict({**job.config, "out_dir": str(out_dir)}))
                 trainer = Trainer(
                     cfg,
                     sink=sink,
