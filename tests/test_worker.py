@@ -1,6 +1,7 @@
 """Background jobs end to end: a real redis-server, real ``celery worker -P prefork -c 1``
 subprocesses, SQLite (and PostgreSQL for the happy path), the tiny model (docs/reliability.md
-R1, R2, R7, R8, R11, R12 and the embedded default), plus fast unit checks of the worker pieces.
+R1, R2, R3, R7, R8, R11, R12, R17 and the embedded default), plus fast unit checks of the worker
+pieces.
 
 Jobs sleep ``FAULT_STEP_DELAY_S`` (test only) before each step so that a 40-step tiny run lasts
 a few seconds: long enough to be killed or cancelled mid-way.
@@ -14,6 +15,7 @@ import logging
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -23,10 +25,13 @@ pytest.importorskip("celery", reason="worker extras not installed (pip install -
 from safetensors.torch import load_file  # noqa: E402
 from tiny import save_tiny_corpus, save_tiny_source  # noqa: E402
 from worker_util import (  # noqa: E402
+    TEST_TIMINGS,
     kill_pid,
     lease_pid,
     pg_schema,
     pg_unreachable,
+    pid_alive,
+    plant_orphan,
     redis_server,
     start_stack,
     tiny_job_config,
@@ -34,6 +39,7 @@ from worker_util import (  # noqa: E402
 )
 
 from db import repo  # noqa: E402
+from efficientllm.checkpoint import complete_checkpoints  # noqa: E402
 from efficientllm.errors import ConfigError, NonFiniteLossError  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
@@ -198,9 +204,76 @@ def test_kill_pool_child_resumes(sqlite_stack, reference, job_config) -> None:
 
 
 @pytest.mark.slow
-def test_cancel_queued_and_running(sqlite_stack, reference, job_config) -> None:
-    """R11 + R12: a queued job never starts; a running one stops within seconds; the worker
-    then takes the next job."""
+def test_kill_whole_worker_then_restart(
+    redis, reference, job_config, tmp_path: Path, record_property
+) -> None:
+    """R3: SIGKILL of the whole worker (process group: main, pool child, reaper) after
+    checkpoint 10; a new worker started 2 s later recovers the job (reaper requeue after the
+    TTL, or kombu's restore): exactly one resumed attempt, losses and weights equal the
+    reference, recovery within TTL + reaper period + 5 s."""
+    stack = start_stack(tmp_path / "r3", redis_url=redis.url(3), db_url=None)
+    try:
+        job_id = stack.submit(job_config, name="r3")
+        job = wait_for(
+            lambda: (j := stack.job(job_id)) and (j.last_checkpoint_step or 0) >= 10 and j,
+            60,
+            "checkpoint 10",
+            interval=0.05,
+        )
+        assert job.status == "running" and job.attempt == 1
+        main_pid, child_pid = stack.worker.pid, lease_pid(job.lease_owner)
+        assert child_pid != main_pid  # the lease is held by the pool child
+        stack.kill_worker_group()
+        killed = time.monotonic()
+        wait_for(lambda: not pid_alive(child_pid), 5, "the pool child to die")
+        old = stack.job(job_id)
+        assert old.status == "running" and old.attempt == 1  # nobody noticed yet
+        ckpt_at_kill = old.last_checkpoint_step
+        time.sleep(2)
+        log_size = stack.log.stat().st_size
+        stack.start_worker()
+        seen: dict[str, float] = {}
+
+        def resumed():
+            now = time.monotonic()
+            if "reaper" not in seen and b"reaper started" in stack.log.read_bytes()[log_size:]:
+                seen["reaper"] = now - killed
+            return (j := stack.job(job_id)).attempt >= 2 and j
+
+        job = wait_for(resumed, 30, "the resumed attempt", interval=0.05)
+        recovery = time.monotonic() - killed
+        ready = seen.get("reaper", float("nan"))
+        assert lease_pid(job.lease_owner) not in (main_pid, child_pid)
+        job = stack.wait_status(job_id, TERMINAL, 60)
+        assert job.status == "succeeded", (job.error_message, stack.log_tail())
+        assert job.attempt == 2  # exactly one resumed attempt
+        assert job.resumed_from_step is not None and 10 <= job.resumed_from_step < STEPS
+        assert job.resumed_from_step >= ckpt_at_kill
+        losses = _losses(stack, job_id)
+        assert sorted(losses) == list(range(1, STEPS + 1))
+        after = {s: v for s, v in losses.items() if s > job.resumed_from_step}
+        assert after == {s: v for s, v in reference["losses"].items() if s > job.resumed_from_step}
+        assert losses == reference["losses"]
+        _assert_same_weights(load_file(_export_file(stack, job_id)), reference["weights"])
+        bound = TEST_TIMINGS["lease_ttl_s"] + TEST_TIMINGS["reaper_s"] + 5
+        reaped = f"reaper: job {job_id} lost its worker" in stack.log.read_text(errors="replace")
+        msg = (
+            f"R3 recovery: {recovery:.2f} s from the group kill to attempt 2 (bound {bound:.0f} s;"
+            f" via {'the reaper' if reaped else 'kombu restore of the unacked message'};"
+            f" new worker's reaper up {ready:.2f} s after the kill; resumed from step"
+            f" {job.resumed_from_step}, checkpoint at kill {ckpt_at_kill})"
+        )
+        print(msg)
+        record_property("r3_recovery_s", round(recovery, 2))
+        assert recovery <= bound, msg
+    finally:
+        stack.stop()
+
+
+@pytest.mark.slow
+def test_cancel_queued_and_running(sqlite_stack, reference, job_config, record_property) -> None:
+    """R11 + R12: a queued job never starts; a running one stops within seconds and keeps a
+    complete checkpoint at the step where it stopped; the worker then takes the next job."""
     stack = sqlite_stack
     running = stack.submit(job_config, name="r12")
     queued = stack.submit(job_config, name="r11")
@@ -213,7 +286,16 @@ def test_cancel_queued_and_running(sqlite_stack, reference, job_config) -> None:
     job = stack.wait_status(running, TERMINAL, 15)
     assert job.status == "cancelled" and job.step < STEPS
     latency = (job.finished_at - job.cancel_requested_at).total_seconds()
+    print(f"R12 cancel latency: {latency:.2f} s (stopped at step {job.step})")
+    record_property("r12_cancel_latency_s", round(latency, 2))
     assert latency <= 5, latency
+    # the stop keeps a complete checkpoint at the step where the job stopped
+    ckpts = stack.settings.runs_dir / running / "checkpoints"
+    complete = complete_checkpoints(ckpts)  # verifies each COMPLETE's sha256s
+    assert complete, sorted(p.name for p in ckpts.iterdir())
+    assert complete[-1].name == f"step-{job.step:06d}" and (complete[-1] / "COMPLETE").is_file()
+    assert job.last_checkpoint_step == job.step
+    assert not list(ckpts.glob(".tmp-step-*"))
     nxt = stack.submit(job_config, name="after-cancel")
     stack.wait_status(nxt, {"running"}, 20)
     q = stack.job(queued)
@@ -242,6 +324,54 @@ def test_poison_job_gives_up(redis, job_config, tmp_path: Path) -> None:
         r = redis.client(2)
         wait_for(lambda: r.llen("gpu") == 0 and r.hlen("unacked") == 0, 30, "the queue to drain")
         assert stack.worker.alive()
+    finally:
+        stack.stop()
+
+
+@pytest.mark.slow
+def test_orphans_reaped_at_startup(
+    redis, reference, job_config, tmp_path: Path, record_property
+) -> None:
+    """R17: ``running`` jobs with a stale heartbeat and a dead ``lease_owner`` PID, and no
+    broker message, are found by the reaper of a worker that starts later: re-queued and run
+    to success (attempt 2), or failed('max_attempts') when the attempts are used up; both
+    within one reaper period (+ slack) of the reaper starting."""
+    stack = start_stack(
+        tmp_path / "r17", redis_url=redis.url(4), db_url=None, step_delay_s=0.02, start=False
+    )
+    try:
+        orphan = plant_orphan(stack.sm, job_config, attempt=1, max_attempts=3)
+        spent = plant_orphan(stack.sm, job_config, attempt=2, max_attempts=2)
+        assert redis.client(4).llen("gpu") == 0  # nothing was sent for either
+        stack.start_worker()
+        reaper_up = stack.wait_reaper_started(60)
+        reaper_wall = datetime.now(timezone.utc)
+        job = wait_for(
+            lambda: (j := stack.job(orphan)).status != "running" or j.attempt >= 2,
+            20,
+            "the orphan to be re-queued",
+            interval=0.05,
+        )
+        requeued = time.monotonic() - reaper_up
+        failed = stack.wait_status(spent, TERMINAL, 10)
+        assert failed.status == "failed" and failed.error_code == "max_attempts"
+        assert failed.attempt == 2 and failed.lease_expires_at is None
+        fail_delay = (failed.finished_at - reaper_wall).total_seconds()  # DB time of the CAS
+        job = stack.wait_status(orphan, TERMINAL, 60)
+        assert job.status == "succeeded", (job.error_message, stack.log_tail())
+        assert job.attempt == 2 and job.resumed_from_step is None  # no checkpoint existed
+        assert _losses(stack, orphan) == reference["losses"]
+        log = stack.log.read_text(errors="replace")
+        assert f"reaper: job {orphan} lost its worker" in log
+        assert f"reaper: job {spent} lost its worker" not in log  # failed, not re-enqueued
+        bound = TEST_TIMINGS["reaper_s"] + 3
+        msg = (
+            f"R17: orphan left 'running' {requeued:.2f} s after the reaper started"
+            f" (bound {bound:.0f} s); the exhausted one failed {fail_delay:.2f} s after it"
+        )
+        print(msg)
+        record_property("r17_requeue_s", round(requeued, 2))
+        assert requeued <= bound and fail_delay <= bound, msg
     finally:
         stack.stop()
 

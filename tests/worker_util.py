@@ -13,10 +13,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, text, update
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T = TypeVar("T")
@@ -168,8 +169,34 @@ class Stack:
         except OSError:
             return ""
 
+    def start_worker(self) -> Any:
+        """Start a (new) worker subprocess on these settings, appending to the same log."""
+        from worker.embedded import start_local_worker
+
+        self.worker = start_local_worker(
+            self.settings, embedded=False, log_path=self.log, extra_env={"LOGLEVEL": "INFO"}
+        )
+        return self.worker
+
+    def kill_worker_group(self) -> None:
+        """SIGKILL the whole worker: its process group (main, pool child, reaper companion)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.proc.wait(timeout=10)
+
+    def wait_reaper_started(self, timeout: float, after: int = 0) -> float:
+        """Wait until the log shows ``reaper started`` past byte ``after``; monotonic time."""
+        wait_for(
+            lambda: b"reaper started" in self.log.read_bytes()[after:],
+            timeout,
+            f"the worker's reaper to start (worker log: {self.log})",
+            interval=0.05,
+        )
+        return time.monotonic()
+
     def stop(self) -> None:
-        self.worker.stop(grace_s=5)
+        if self.worker is not None:
+            self.worker.stop(grace_s=5)
         with contextlib.suppress(Exception):
             self.app.close()
         with contextlib.suppress(Exception):
@@ -185,11 +212,14 @@ def start_stack(
     fault: str | None = None,
     max_attempts: int = 3,
     queue: str = "gpu",
+    start: bool = True,
 ) -> Stack:
-    """A worker subprocess for tests (APP_ENV=test, the short timings above)."""
-    from db.engine import make_engine, session_factory
+    """A worker subprocess for tests (APP_ENV=test, the short timings above).
+
+    ``start=False``: only migrate the DB (rows can be planted); call ``Stack.start_worker()``.
+    """
+    from db.engine import make_engine, session_factory, upgrade_to_head
     from worker.celery_app import make_app
-    from worker.embedded import start_local_worker
     from worker.settings import Settings
 
     data.mkdir(parents=True, exist_ok=True)
@@ -205,16 +235,63 @@ def start_stack(
         **TEST_TIMINGS,
     )
     log = data / "worker.log"
-    worker = start_local_worker(
-        settings, embedded=False, log_path=log, extra_env={"LOGLEVEL": "INFO"}
-    )
+    upgrade_to_head(settings.db_url)
     sm = session_factory(make_engine(settings.db_url))
-    return Stack(settings=settings, worker=worker, app=make_app(settings), sm=sm, log=log)
+    stack = Stack(settings=settings, worker=None, app=make_app(settings), sm=sm, log=log)
+    if start:
+        stack.start_worker()
+    return stack
 
 
 def kill_pid(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie awaiting its reaping parent counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (for a lease owner whose worker is gone)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait(timeout=10)
+    return proc.pid
+
+
+def plant_orphan(
+    sm: Any, config: dict[str, Any], *, attempt: int, max_attempts: int, stale_s: float = 60
+) -> str:
+    """Insert a ``running`` job as a dead worker leaves it: lease owner ``host:<dead pid>``,
+    heartbeat ``stale_s`` ago, lease expired; no broker message is sent for it."""
+    from db import repo
+    from db.models import Job, utcnow
+    from worker.submit import validate_config
+
+    job = repo.create_job(
+        sm, config=validate_config(config), name="orphan", max_attempts=max_attempts
+    )
+    beat = utcnow() - timedelta(seconds=stale_s)
+    with sm() as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job.id)
+            .values(
+                status="running",
+                attempt=attempt,
+                lease_owner=f"{socket.gethostname()}:{dead_pid()}",
+                started_at=beat,
+                heartbeat_at=beat,
+                lease_expires_at=beat + timedelta(seconds=TEST_TIMINGS["lease_ttl_s"]),
+            )
+        )
+        s.commit()
+    return job.id
 
 
 def lease_pid(lease_owner: str) -> int:
