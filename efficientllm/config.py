@@ -77,9 +77,10 @@ class ScheduleConfig:
     """Share of the tokens trained at full size before pruning starts (t0)."""
     prune_every: int = 2
     """Optimizer steps between pruning events."""
-    compensation: Literal["none"] = "none"
-    """Variant A, no weight compensation (the paper's headline models). Variant B (a local OBS
-    update of the consuming layer) is not implemented yet."""
+    compensation: Literal["none", "obs"] = "none"
+    """none: variant A, no weight compensation (the paper's headline models). obs: variant B, a
+    local second-order (OBS) update of the consuming layer before each removal, from H = XᵀX of
+    its inputs since the last event (costs one in×in matrix per consumer; resume restarts H)."""
 
 
 @dataclass(frozen=True, kw_only=True)

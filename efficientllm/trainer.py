@@ -78,6 +78,18 @@ def mean_normalised_saliency(scores, shape: ModelShape) -> dict[str, float]:
     return out
 
 
+def _compensated_kinds(kinds) -> tuple[str, ...]:
+    """Consumers worth tracking for the group kinds that may be removed."""
+    out = []
+    if {"qhead", "kvgroup"} & set(kinds):
+        out.append("head")
+    if "ffn" in kinds:
+        out.append("ffn")
+    if "hidden" in kinds:
+        out.append("hidden")
+    return tuple(out)
+
+
 class Trainer:
     """Runs one ``RunConfig`` to the end (or until ``should_stop`` returns True)."""
 
@@ -185,6 +197,12 @@ class Trainer:
             params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay
         )
         acc = SaliencyAccumulator(mode=cfg.saliency.mode, beta=cfg.saliency.beta)
+        self.comp = None
+        if cfg.schedule.compensation == "obs":
+            from efficientllm.compensate import Compensator
+
+            self.comp = Compensator(kinds=_compensated_kinds(cfg.budget.kinds))
+            self.comp.attach(model)
         gen = torch.Generator().manual_seed(t.seed + 1)
         self.step = 0
         if state is not None:
@@ -347,7 +365,11 @@ class Trainer:
             tolerance=b.tolerance,
         )
         with torch.no_grad():
+            if self.comp is not None:  # variant B: compensate the consumers, then remove
+                self.comp.compensate_(model, decision.drops)
             new = apply_drops_(model, shape, decision.drops, optimizer=opt, accumulator=acc)
+            if self.comp is not None:
+                self.comp.reset()
         if self.cfg.saliency.mode == "window":
             acc.reset()
         self.sink.emit(

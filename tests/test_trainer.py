@@ -219,3 +219,13 @@ def test_sigkill_resume_matches_uninterrupted_run(assets, tmp_path) -> None:
     a = load_file(tmp_path / "ref" / "export" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_variant_b_compensation_run_reaches_budget(assets, tmp_path) -> None:
+    cfg = _cfg(assets, tmp_path / "run", schedule={"compensation": "obs"})
+    sink = ListSink()
+    res = Trainer(cfg, sink=sink).run()
+    budget = sink.of(RunStarted)[0].budget
+    assert budget * (1 - cfg.budget.tolerance) <= res.params <= budget
+    assert all(torch.isfinite(torch.tensor(s.loss)) for s in sink.of(StepMetrics))
+    assert sink.of(Pruned)
