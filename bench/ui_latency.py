@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ class DbWatch(threading.Thread):
         self.status: dict[str, str] = {}
         self.budget: dict[str, int | None] = {}
         self._last_id = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._lock = threading.Lock()
 
     def track(self, job_id: str) -> None:
@@ -171,7 +172,7 @@ class DbWatch(threading.Thread):
 
     def run(self) -> None:
         conn = None
-        while not self._stop.wait(self.period_s):
+        while not self._halt.wait(self.period_s):
             try:
                 if conn is None:
                     conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1)
@@ -206,7 +207,7 @@ class DbWatch(threading.Thread):
             self.status[job_id], self.budget[job_id] = status, budget
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 
@@ -253,6 +254,8 @@ class Bench:
             try:
                 urllib.request.urlopen(self.url + "/config", timeout=1)
                 return
+            except urllib.error.HTTPError:  # 401 before login: the app is up
+                return
             except OSError:
                 if self.app.poll() is not None:
                     raise RuntimeError((self.tmp / "app.log").read_text()[-3000:]) from None
@@ -291,7 +294,7 @@ class Bench:
 
     # ---- jobs ---------------------------------------------------------------------------
     def prepare_inputs(self) -> None:
-        sys.path.insert(0, str(ROOT / "tests"))
+        sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
         from tiny import save_tiny_source, tiny_text
 
         from app import forms
@@ -363,13 +366,13 @@ class Bench:
         self.setup_env()
         self.data.mkdir(parents=True)
         t_start = time.time()
-        self.start_app()  # migrates the DB and starts the embedded worker
-        self.start_workers(a.workers - 1)
-        self.prepare_inputs()
         watch = DbWatch(self.db_path)
-        watch.start()
         out: dict[str, Any] = {}
         try:
+            self.start_app()  # migrates the DB and starts the embedded worker
+            self.start_workers(a.workers - 1)
+            self.prepare_inputs()
+            watch.start()
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
                 page = browser.new_page(viewport={"width": 1300, "height": 900})
@@ -388,7 +391,8 @@ class Bench:
                 out["load"] = self.phase_load(page, watch)
                 browser.close()
         finally:
-            watch.stop()
+            if watch.is_alive():
+                watch.stop()
             self.stop_all()
         out["wall_s"] = round(time.time() - t_start, 1)
         out["notes"] = self.notes
@@ -488,7 +492,20 @@ class Bench:
         for i in range(a.switches):
             target = targets[(i + 1) % len(targets)]
             self.choose_job(page, target)
-            page.wait_for_function(SWITCH_DONE_JS, arg=budget_text[target], polling="raf")
+            try:
+                page.wait_for_function(
+                    SWITCH_DONE_JS, arg=budget_text[target], polling="raf", timeout=15_000
+                )
+            except Exception:
+                seen = page.evaluate(
+                    "() => [document.querySelector('#monitor-status')?.innerText,"
+                    " document.querySelector('#arch-caption')?.innerText,"
+                    " document.querySelector('#arch-plot .gtitle')?.textContent]"
+                )
+                self.notes.append(f"switch to {target[:8]} not seen in 15 s: {seen}")
+                res.setdefault("monitor_switch_timeouts", 0)
+                res["monitor_switch_timeouts"] = res["monitor_switch_timeouts"] + 1
+                continue
             b = page.evaluate("() => window.__bench")
             if b["click"] and b["done"]:
                 switches.append((b["done"] - b["click"]) / 1000)
@@ -531,6 +548,9 @@ class Bench:
                     fresh.append(snap["t"] / 1000 - db_t)
         res["jobs_tab_freshness"] = stats(fresh)
         res["jobs_tab_table_updates"] = len(tables)
+        res["jobs_tab_table_update_times"] = [
+            round(x["t"] / 1000 - tables[0]["t"] / 1000, 3) for x in tables
+        ]
 
         # Page reload -> Jobs tab -> table with the five jobs
         reloads = []
