@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -135,6 +137,9 @@ def run(host: str = "127.0.0.1", port: int = 7860) -> None:
 
         worker = start_local_worker()
         log.info("started the embedded local worker")
+    # uvicorn re-raises a captured SIGTERM after its graceful shutdown; turn it into SystemExit
+    # so that the finally below still stops the embedded worker (no orphaned workers).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(ctx), host=host, port=port, log_level="info")
     finally:

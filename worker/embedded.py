@@ -62,6 +62,15 @@ def worker_env(settings: Settings, base: dict[str, str] | None = None) -> dict[s
     return env
 
 
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGTERM (a warm shutdown) if the app dies without stopping it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def start_local_worker(
     settings: Settings | None = None,
     *,
@@ -91,6 +100,7 @@ def start_local_worker(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     finally:
         if log_path:
