@@ -1,4 +1,4 @@
-"""Gradio Blocks: new job, jobs list, monitor (with results) and compare.
+"""Gradio Blocks: new job, jobs list, monitor (with results), compare and the playground.
 
 Every handler is wrapped by :func:`guarded`: an ``EfficientLLMError`` becomes its message in
 the UI, anything else a generic message (the traceback goes to the server log only). All state
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from app import forms, monitor, plots
+from app import forms, monitor, playground, plots
 from efficientllm.errors import EfficientLLMError
 from efficientllm.presets import preset_names
 
@@ -127,6 +127,8 @@ def build(ctx: AppContext) -> gr.Blocks:
                     job_a, job_b = gr.Dropdown([], label="Job A"), gr.Dropdown([], label="Job B")
                 compare_msg = gr.Markdown()
                 compare_plot = gr.Plot(label="Final architectures")
+            with gr.Tab("Playground", id="playground"):
+                play_job = playground.build(ctx)
         monitor_timer, jobs_timer = gr.Timer(1.0), gr.Timer(3.0)
 
         form = [preset, model, budget, dataset, tokens, fraction, granularity, scorer]
@@ -257,8 +259,9 @@ def build(ctx: AppContext) -> gr.Blocks:
                 rows, choices = monitor.job_table(ctx, owner_of(request))
             except Exception:
                 log.exception("listing jobs failed")
-                return [gr.skip()] * 4
-            return [rows, *[gr.Dropdown(choices=choices) for _ in range(3)]]
+                return [gr.skip()] * 5
+            play = gr.Dropdown(choices=playground.succeeded_choices(choices))
+            return [rows, *[gr.Dropdown(choices=choices) for _ in range(3)], play]
 
         @guarded(2)
         def on_compare(a: str | None, b: str | None, request: gr.Request) -> tuple[str, Any]:
@@ -280,7 +283,7 @@ def build(ctx: AppContext) -> gr.Blocks:
         scrub.input(lambda st, i: monitor.arch_view(st, i), [state, scrub], [arch, caption])
         monitor_timer.tick(on_tick, [state], [*monitor_out, state], show_progress="hidden")
         cancel_btn.click(on_cancel, [state], [status])
-        jobs_out = [jobs, pick, job_a, job_b]
+        jobs_out = [jobs, pick, job_a, job_b, play_job]
         jobs_timer.tick(on_jobs, None, jobs_out, show_progress="hidden")
         ui.load(on_jobs, None, jobs_out)
         job_b.input(on_compare, [job_a, job_b], [compare_msg, compare_plot])

@@ -1,5 +1,6 @@
 """Typed SQLAlchemy 2.0 models: jobs and what a run reports (metrics, evals, shapes, events,
-artifacts). Timestamps are timezone-aware UTC on every backend (see :class:`UTCDateTime`)."""
+artifacts), and the Playground's generations from a finished job's export. Timestamps are
+timezone-aware UTC on every backend (see :class:`UTCDateTime`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_STATUSES = frozenset({"queued", "running"})
 SNAPSHOT_KINDS = ("source", "pruned", "final")
 ARTIFACT_KINDS = ("export", "checkpoint", "events")
+GENERATION_STATUSES = ("queued", "running", "succeeded", "failed")
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -230,3 +232,34 @@ class Artifact(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Generation(Base):
+    """One Playground request: text generated on the worker from a succeeded job's export."""
+
+    __tablename__ = "generations"
+    __table_args__ = (
+        CheckConstraint(_in("status", GENERATION_STATUSES), name="status"),
+        Index(None, "owner", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = _job_fk()
+    owner: Mapped[str] = mapped_column(String(128), default="local")
+    prompt: Mapped[str] = mapped_column(Text)
+    max_new_tokens: Mapped[int] = mapped_column(Integer)
+    temperature: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    output: Mapped[str | None] = mapped_column(Text)
+    """The decoded continuation (the prompt not included)."""
+    error_message: Mapped[str | None] = mapped_column(Text)
+    """One line for the user; never a traceback."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+    def __repr__(self) -> str:
+        return f"Generation(id={self.id!r}, job_id={self.job_id!r}, status={self.status!r})"

@@ -27,6 +27,7 @@ from db.models import (
     Artifact,
     EvalPoint,
     Event,
+    Generation,
     Job,
     MetricPoint,
     UTCDateTime,
@@ -332,6 +333,100 @@ def set_checkpoint(s: SessionLike, *, job_id: str, step: int) -> None:
     """Record the latest complete checkpoint step (the filesystem stays authoritative)."""
     with _session(s) as session:
         _cas(session, job_id, Job.id == job_id, last_checkpoint_step=step)
+
+
+# ---- generations (the Playground) -------------------------------------------------------------
+def create_generation(
+    s: SessionLike,
+    *,
+    job_id: str,
+    owner: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+) -> Generation:
+    """Insert a queued generation for ``job_id`` and commit it (before the task is sent).
+
+    Raises LookupError if the job does not exist or belongs to another owner; the input
+    limits are checked by ``worker.submit.submit_generation``.
+    """
+    with _session(s) as session:
+        job = _load(session, job_id)
+        if job is None or job.owner != owner:
+            session.rollback()
+            raise LookupError(f"no job {job_id!r}")
+        gen = Generation(
+            job_id=job_id,
+            owner=owner,
+            prompt=prompt,
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+        )
+        session.add(gen)
+        session.commit()
+        return gen
+
+
+def _load_generation(s: Session, gen_id: str) -> Generation | None:
+    return s.execute(
+        select(Generation).where(Generation.id == gen_id).execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+
+
+def get_generation(s: SessionLike, *, gen_id: str, owner: str | None = None) -> Generation | None:
+    """The generation, or None if it does not exist or belongs to another owner (when given)."""
+    with _session(s) as session:
+        gen = _load_generation(session, gen_id)
+        if gen is None or (owner is not None and gen.owner != owner):
+            return None
+        return gen
+
+
+def _cas_generation(s: Session, gen_id: str, where: ColumnElement[bool], **values: Any) -> bool:
+    result = s.execute(
+        update(Generation)
+        .where(Generation.id == gen_id, where)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 1:
+        s.commit()
+        return True
+    s.rollback()
+    return False
+
+
+def start_generation(s: SessionLike, *, gen_id: str) -> Generation | None:
+    """queued -> running; the generation, or None (a duplicate delivery, or already done)."""
+    with _session(s) as session:
+        if not _cas_generation(session, gen_id, Generation.status == "queued", status="running"):
+            return None
+        return _load_generation(session, gen_id)
+
+
+def finish_generation(
+    s: SessionLike,
+    *,
+    gen_id: str,
+    status: str,
+    output: str | None = None,
+    error_message: str | None = None,
+) -> bool:
+    """running -> succeeded (with ``output``) or failed (with a one-line ``error_message``);
+    also queued -> failed (a generation refused before it started). False if refused."""
+    if status not in ("succeeded", "failed"):
+        raise ValueError(f"finish_generation needs succeeded or failed, got {status!r}")
+    allowed = ("running",) if status == "succeeded" else ("queued", "running")
+    with _session(s) as session:
+        return _cas_generation(
+            session,
+            gen_id,
+            Generation.status.in_(allowed),
+            status=status,
+            output=output if status == "succeeded" else None,
+            error_message=_one_line(error_message) if status == "failed" else None,
+            finished_at=utcnow(),
+        )
 
 
 # ---- artifacts -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """End to end in a real browser: ``python -m app`` (with its embedded local worker) on a tiny
 model, driven by Playwright + Debian's chromium. Create a job, see the predicted architecture,
 watch the per-layer chart change as pruning events arrive, refresh, cancel a second job, download
-the export and load it with transformers."""
+the export and load it with transformers, and generate text from it in the Playground."""
 
 from __future__ import annotations
 
@@ -188,6 +188,16 @@ def test_launch_watch_cancel_download(server, tmp_path: Path) -> None:
             page.locator("#download-link").click()
         zpath = tmp_path / "export.zip"
         info.value.save_as(zpath)
+
+        # the Playground: bad input is an inline message; then one generation on the worker
+        page.get_by_role("tab", name="Playground").click()
+        choose(page, "play-job", first[:8])
+        page.locator("#play-generate").click()
+        page.locator("#play-msg", has_text="prompt is empty").wait_for()
+        page.locator("#play-prompt textarea").fill("It is a truth universally")
+        page.locator("#play-generate").click()
+        page.locator("#play-msg", has_text="succeeded").wait_for(timeout=60_000)
+        played = page.locator("#play-output textarea").input_value()
         browser.close()
 
     import urllib.error
@@ -214,3 +224,13 @@ def test_launch_watch_cancel_download(server, tmp_path: Path) -> None:
     assert job2.status == "cancelled" and job2.started_at is None
     assert job1.params == n and job1.budget * 0.995 <= n <= job1.budget
     assert predicted <= job1.budget  # the prediction shown before launch is below the budget
+    from sqlalchemy import select
+
+    from db.models import Generation
+
+    with sm() as s:
+        gens = list(s.scalars(select(Generation).where(Generation.job_id == first)))
+    assert [(g.status, g.owner, g.prompt) for g in gens] == [
+        ("succeeded", "alice", "It is a truth universally")
+    ]
+    assert played and played == gens[0].output  # the worker's text is what the page shows

@@ -279,6 +279,48 @@ def test_owner_isolation(sm: sessionmaker[Session]) -> None:
     assert repo.request_cancel(sm, job_id="missing") is None
 
 
+def test_generation_lifecycle(sm: sessionmaker[Session]) -> None:
+    """The Playground's rows: queued -> running (once) -> succeeded/failed (absorbing),
+    owner-checked like jobs, deleted with their job."""
+    jid = _job(sm, owner="alice")
+    with pytest.raises(LookupError):
+        repo.create_generation(
+            sm, job_id=jid, owner="bob", prompt="x", max_new_tokens=4, temperature=0.0
+        )
+    gen = repo.create_generation(
+        sm, job_id=jid, owner="alice", prompt="Once", max_new_tokens=8, temperature=0.7
+    )
+    assert gen.status == "queued" and gen.output is None and gen.created_at.tzinfo is not None
+    assert repo.get_generation(sm, gen_id=gen.id, owner="bob") is None
+    assert repo.get_generation(sm, gen_id="missing") is None
+    assert repo.finish_generation(sm, gen_id=gen.id, status="succeeded", output="no") is False
+    started = repo.start_generation(sm, gen_id=gen.id)
+    assert started is not None and started.status == "running" and started.prompt == "Once"
+    assert repo.start_generation(sm, gen_id=gen.id) is None  # a duplicate delivery: no-op
+    assert repo.finish_generation(sm, gen_id=gen.id, status="succeeded", output=" upon a time")
+    assert not repo.finish_generation(sm, gen_id=gen.id, status="failed", error_message="late")
+    done = repo.get_generation(sm, gen_id=gen.id, owner="alice")
+    assert done is not None and done.status == "succeeded" and done.output == " upon a time"
+    assert done.finished_at is not None and done.error_message is None
+    assert (done.max_new_tokens, done.temperature) == (8, 0.7)
+
+    bad = repo.create_generation(
+        sm, job_id=jid, owner="alice", prompt="x", max_new_tokens=1, temperature=0.0
+    )
+    msg = "the export is missing\nTraceback (most recent call last):\n  ..."
+    assert repo.finish_generation(sm, gen_id=bad.id, status="failed", error_message=msg)
+    assert repo.start_generation(sm, gen_id=bad.id) is None  # failed before it started
+    row = repo.get_generation(sm, gen_id=bad.id)
+    assert row is not None and row.error_message == "the export is missing" and row.output is None
+    with pytest.raises(ValueError):
+        repo.finish_generation(sm, gen_id=bad.id, status="running")
+
+    with sm() as s:  # ON DELETE CASCADE with the job
+        s.execute(text("DELETE FROM jobs WHERE id = :id"), {"id": jid})
+        s.commit()
+    assert repo.get_generation(sm, gen_id=gen.id) is None
+
+
 def test_error_message_is_one_line(sm: sessionmaker[Session]) -> None:
     jid = _job(sm)
     assert repo.claim_job(sm, job_id=jid, worker_id="w", ttl_s=5)

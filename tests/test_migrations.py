@@ -31,6 +31,7 @@ from db.engine import (  # noqa: E402
 from db.models import Base  # noqa: E402
 
 TABLES = {"jobs", "metric_points", "eval_points", "arch_snapshots", "events", "artifacts"}
+TABLES |= {"generations"}
 
 
 def _tables(engine: Engine) -> set[str]:
@@ -62,13 +63,16 @@ def test_upgrade_downgrade_upgrade_without_drift(db_url: str) -> None:  # noqa: 
         upgrade_to_head(engine)  # idempotent at head: rows preserved
         assert repo.get_job(sm, job_id=jid) is not None
 
+        _alembic(engine, "downgrade", "0001")  # 0002 alone: the generations table goes
+        assert _tables(engine) == TABLES - {"generations"}
+        assert repo.get_job(sm, job_id=jid) is not None
         _alembic(engine, "downgrade", "base")
         assert _tables(engine) == set()
         upgrade_to_head(engine)
         assert _tables(engine) == TABLES
         assert _drift(engine) == []
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
     finally:
         engine.dispose()
 

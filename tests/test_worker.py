@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 pytest.importorskip("celery", reason="worker extras not installed (pip install -e .[worker])")
 
@@ -121,6 +123,44 @@ def test_duplicate_delivery_runs_once(sqlite_stack, reference) -> None:
     events = repo.events_after(sqlite_stack.sm, job_id=job_id, limit=10_000)
     assert [e.type for e in events].count("started") == 1
     assert [e.type for e in events].count("exported") == 1
+
+
+@pytest.mark.slow
+def test_playground_generation(sqlite_stack, reference) -> None:
+    """A generation from the succeeded reference job runs on the worker: a non-empty
+    continuation of at most max_new_tokens tokens; a duplicate delivery is a no-op. (Sampling:
+    greedy decoding of the barely trained tiny model yields only its most frequent token, a
+    space.)"""
+    from worker.submit import submit_generation
+
+    job_id, n = reference["job_id"], 12
+    t0 = time.monotonic()
+    gen_id = submit_generation(
+        sqlite_stack.sm, job_id=job_id, owner="local", prompt="It is a truth",
+        max_new_tokens=n, temperature=1.0, celery=sqlite_stack.app,
+    )  # fmt: skip
+    sqlite_stack.app.send_task("efficientllm.generate", args=[gen_id], queue="gpu")  # duplicate
+    gen = wait_for(
+        lambda: (g := repo.get_generation(sqlite_stack.sm, gen_id=gen_id)) and g.terminal and g,
+        60,
+        f"generation {gen_id} to finish (worker log: {sqlite_stack.log})",
+    )
+    seconds = time.monotonic() - t0
+    assert gen.status == "succeeded", (gen.error_message, sqlite_stack.log_tail())
+    assert gen.output and gen.output.strip() and gen.error_message is None
+    done = wait_for(
+        lambda: re.search(rf"generation {gen_id}: succeeded, (\d+) new tokens",
+                          sqlite_stack.log.read_text()),
+        20,
+        "the worker to log the generation",
+    )  # fmt: skip
+    assert 1 <= int(done[1]) <= n, (done[0], gen.output)
+    wait_for(
+        lambda: f"generation {gen_id}: not queued" in sqlite_stack.log.read_text(),
+        20,
+        "the duplicate generation delivery to be skipped",
+    )
+    print(f"generation: {seconds:.1f} s, output {gen.output!r}")
 
 
 @pytest.mark.slow
@@ -464,6 +504,55 @@ def test_submit_rejects_bad_config(tmp_path: Path) -> None:
         submit_job(sm, config={"train": {"lr": -1, "batch_size": 0}}, celery=app)
     assert len(err.value.problems) >= 2
     assert repo.list_jobs(sm) == []
+
+
+def test_submit_generation_validates_and_worker_reports_errors(tmp_path: Path) -> None:
+    """Bad Playground input, someone else's or an unfinished job: ConfigError, nothing queued.
+    On the worker, a missing export is a one-line failure, not a traceback."""
+    from db.engine import make_engine, session_factory, upgrade_to_head
+    from worker.celery_app import make_app
+    from worker.submit import submit_generation
+    from worker.tasks import generate
+
+    settings = Settings(data_dir=tmp_path)
+    upgrade_to_head(settings.db_url)
+    sm = session_factory(make_engine(settings.db_url))
+    app = make_app(settings)
+    job = repo.create_job(sm, config={"x": 1}, owner="alice")
+    good = dict(job_id=job.id, owner="alice", prompt="Hi", max_new_tokens=8, temperature=0.5)
+    with pytest.raises(ConfigError, match="queued; only a succeeded job"):
+        submit_generation(sm, **good, celery=app)
+    assert repo.claim_job(sm, job_id=job.id, worker_id="w", ttl_s=60)
+    assert repo.finish_job(sm, job_id=job.id, worker_id="w", status="succeeded")
+    for bad, problem in [
+        (dict(prompt="  "), "prompt is empty"),
+        (dict(prompt="x" * 2001), "at most 2000"),
+        (dict(max_new_tokens=0), "max new tokens"),
+        (dict(max_new_tokens=257), "max new tokens"),
+        (dict(max_new_tokens=2.5), "max new tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=2.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(owner="bob"), "choose one of your jobs"),
+        (dict(job_id="missing"), "choose one of your jobs"),
+    ]:
+        with pytest.raises(ConfigError, match=problem):
+            submit_generation(sm, **{**good, **bad}, celery=app)
+    with pytest.raises(ConfigError) as err:
+        submit_generation(sm, **{**good, "prompt": "", "temperature": 9}, celery=app)
+    assert len(err.value.problems) == 2
+    with sm() as s:
+        assert s.scalar(text("SELECT count(*) FROM generations")) == 0
+
+    gen = repo.create_generation(sm, **good)  # no broker round trip: run the task body here
+    assert generate(gen.id, settings) == "failed"
+    row = repo.get_generation(sm, gen_id=gen.id)
+    assert row.status == "failed" and row.error_message == (
+        "the job's exported model is missing on the worker"
+    )
+    assert generate(gen.id, settings) == "noop"
+    app.close()
+    sm.kw["bind"].dispose()
 
 
 def test_sink_throttles_and_survives_redis_down(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from worker.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 TASK_NAME = "efficientllm.run_job"
+GENERATE_TASK_NAME = "efficientllm.generate"
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_transport_options=transport_options(settings),
         task_default_queue=settings.queue,
         task_queues=[Queue(settings.queue)],
-        task_routes={TASK_NAME: {"queue": settings.queue}},
+        task_routes={name: {"queue": settings.queue} for name in (TASK_NAME, GENERATE_TASK_NAME)},
         worker_send_task_events=False,
         task_send_sent_event=False,
     )

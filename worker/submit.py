@@ -1,4 +1,5 @@
-"""Submitting and cancelling jobs: what the app calls. Loads no torch at import.
+"""Submitting and cancelling jobs, and Playground generations: what the app calls. Loads no
+torch at import.
 
 The DB row is committed first, then the task is sent by name (the app never imports the task
 code). If sending fails the job stays queued in the DB and the error propagates.
@@ -63,6 +64,73 @@ def submit_job(
     enqueue(job.id, queue=queue, sm=session, celery=celery)
     log.info("job %s submitted to queue %s", job.id, queue)
     return job.id
+
+
+MAX_PROMPT_CHARS = 2000
+MAX_NEW_TOKENS = 256  # worker.tasks.MAX_NEW_TOKENS (not imported: it loads the task code)
+MAX_TEMPERATURE = 2.0
+
+
+def validate_generation(prompt: str, max_new_tokens: Any, temperature: Any) -> tuple[int, float]:
+    """(max_new_tokens, temperature) as numbers; raises ``ConfigError`` listing every problem."""
+    import math
+
+    from efficientllm.errors import ConfigError
+
+    problems: list[str] = []
+    if not isinstance(prompt, str) or not prompt.strip():
+        problems.append("the prompt is empty")
+    elif len(prompt) > MAX_PROMPT_CHARS:
+        problems.append(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+    try:
+        n = float(max_new_tokens)
+        if not n.is_integer() or not 1 <= n <= MAX_NEW_TOKENS:
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}")
+        n = 0
+    try:
+        t = float(temperature)
+        if not math.isfinite(t) or not 0 <= t <= MAX_TEMPERATURE:
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append(f"temperature must be between 0 and {MAX_TEMPERATURE:g}")
+        t = 0.0
+    if problems:
+        raise ConfigError(problems)
+    return int(n), t
+
+
+def submit_generation(
+    session: Session | sessionmaker[Session],
+    *,
+    job_id: str,
+    owner: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    celery: Celery | None = None,
+) -> str:
+    """Validate, create the generation row and send ``efficientllm.generate`` to the job's
+    queue; returns the generation id. ``ConfigError`` for bad input or a job that is not the
+    owner's or has not succeeded (nothing is created then)."""
+    from efficientllm.errors import ConfigError
+    from worker.celery_app import GENERATE_TASK_NAME
+
+    if celery is None:
+        from worker.celery_app import app as celery
+    n, t = validate_generation(prompt, max_new_tokens, temperature)
+    job = repo.get_job(session, job_id=job_id, owner=owner) if job_id else None
+    if job is None:
+        raise ConfigError("choose one of your jobs")
+    if job.status != "succeeded":
+        raise ConfigError(f"job {job_id[:8]} is {job.status}; only a succeeded job can generate")
+    gen = repo.create_generation(
+        session, job_id=job_id, owner=owner, prompt=prompt, max_new_tokens=n, temperature=t
+    )
+    celery.send_task(GENERATE_TASK_NAME, args=[gen.id], queue=job.queue)
+    log.info("generation %s for job %s submitted to queue %s", gen.id, job_id, job.queue)
+    return gen.id
 
 
 def cancel_job(
