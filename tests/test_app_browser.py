@@ -171,8 +171,12 @@ def test_launch_watch_cancel_download(server, tmp_path: Path) -> None:
         assert len(seen) >= 3, seen  # the per-layer chart moved through several snapshots
         page.locator("#download-link").wait_for()
         time.sleep(1.5)
-        DOCS.mkdir(exist_ok=True)
-        page.screenshot(path=str(DOCS / "monitor.png"), full_page=True)
+        shot = tmp_path / "monitor.png"  # UPDATE_DOCS=1 refreshes the README's picture
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("UPDATE_DOCS") == "1":
+            DOCS.mkdir(exist_ok=True)
+            shot.replace(DOCS / "monitor.png")
 
         # refresh: the jobs survive (all state is in the DB)
         page.reload()
@@ -198,6 +202,22 @@ def test_launch_watch_cancel_download(server, tmp_path: Path) -> None:
         page.locator("#play-generate").click()
         page.locator("#play-msg", has_text="succeeded").wait_for(timeout=60_000)
         played = page.locator("#play-output textarea").input_value()
+        assert page.request.get(f"{url}/api/jobs/{first}/artifact").status == 200  # the owner
+
+        # another user sees none of alice's jobs and cannot download or cancel them
+        bob = browser.new_page(viewport={"width": 1300, "height": 900})
+        bob.goto(url)
+        bob.get_by_label("username").fill("bob")
+        bob.get_by_label("password").fill("pw-b")
+        bob.get_by_role("button", name="Login").click()
+        bob.get_by_role("tab", name="Jobs").click()
+        time.sleep(4)  # a Jobs-table refresh
+        bob_table = bob.locator("#jobs-table").inner_text()
+        assert "first" not in bob_table and "second" not in bob_table
+        bob.get_by_role("tab", name="Monitor").click()
+        bob.locator("#monitor-job input").click()
+        assert bob.locator("ul[role='listbox'] li", has_text=first[:8]).count() == 0
+        assert bob.request.get(f"{url}/api/jobs/{first}/artifact").status == 404
         browser.close()
 
     import urllib.error
