@@ -254,14 +254,22 @@ def build(ctx: AppContext) -> gr.Blocks:
                 cancel_job(s, job_id=st["job_id"], owner=owner_of(request))
             return "Cancel requested."
 
-        def on_jobs(request: gr.Request) -> list[Any]:
+        def on_jobs(last: dict | None, request: gr.Request) -> list[Any]:
+            """Refresh the jobs table and pickers; unchanged parts are skipped, so an open
+            dropdown is not re-rendered under the user's pointer every tick."""
             try:
                 rows, choices = monitor.job_table(ctx, owner_of(request))
             except Exception:
                 log.exception("listing jobs failed")
-                return [gr.skip()] * 5
-            play = gr.Dropdown(choices=playground.succeeded_choices(choices))
-            return [rows, *[gr.Dropdown(choices=choices) for _ in range(3)], play]
+                return [gr.skip()] * 6
+            last = last or {}
+            table = gr.skip() if last.get("rows") == rows else rows
+            if last.get("choices") == choices:
+                pickers = [gr.skip()] * 4
+            else:
+                play = gr.Dropdown(choices=playground.succeeded_choices(choices))
+                pickers = [*[gr.Dropdown(choices=choices) for _ in range(3)], play]
+            return [table, *pickers, {"rows": rows, "choices": choices}]
 
         @guarded(2)
         def on_compare(a: str | None, b: str | None, request: gr.Request) -> tuple[str, Any]:
@@ -283,9 +291,10 @@ def build(ctx: AppContext) -> gr.Blocks:
         scrub.input(lambda st, i: monitor.arch_view(st, i), [state, scrub], [arch, caption])
         monitor_timer.tick(on_tick, [state], [*monitor_out, state], show_progress="hidden")
         cancel_btn.click(on_cancel, [state], [status])
-        jobs_out = [jobs, pick, job_a, job_b, play_job]
-        jobs_timer.tick(on_jobs, None, jobs_out, show_progress="hidden")
-        ui.load(on_jobs, None, jobs_out)
+        jobs_seen = gr.State(None)
+        jobs_out = [jobs, pick, job_a, job_b, play_job, jobs_seen]
+        jobs_timer.tick(on_jobs, [jobs_seen], jobs_out, show_progress="hidden")
+        ui.load(on_jobs, [jobs_seen], jobs_out)
         job_b.input(on_compare, [job_a, job_b], [compare_msg, compare_plot])
         job_a.input(on_compare, [job_a, job_b], [compare_msg, compare_plot])
     return ui
