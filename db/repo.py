@@ -47,12 +47,13 @@ def _session(s: SessionLike) -> Iterator[Session]:
         yield session
 
 
-def _cas(s: Session, job_id: str, where: ColumnElement[bool], **values: Any) -> bool:
-    """Compare-and-set on one job row; commits on success, rolls back otherwise."""
-    values.setdefault("updated_at", utcnow())
+def _cas_row(
+    s: Session, model: Any, row_id: str, where: ColumnElement[bool], **values: Any
+) -> bool:
+    """Compare-and-set on one row of ``model``; commits on success, rolls back otherwise."""
     result = s.execute(
-        update(Job)
-        .where(Job.id == job_id, where)
+        update(model)
+        .where(model.id == row_id, where)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -61,6 +62,12 @@ def _cas(s: Session, job_id: str, where: ColumnElement[bool], **values: Any) -> 
         return True
     s.rollback()
     return False
+
+
+def _cas(s: Session, job_id: str, where: ColumnElement[bool], **values: Any) -> bool:
+    """Compare-and-set on one job row (stamps ``updated_at``)."""
+    values.setdefault("updated_at", utcnow())
+    return _cas_row(s, Job, job_id, where, **values)
 
 
 def _load(s: Session, job_id: str) -> Job | None:
@@ -383,17 +390,7 @@ def get_generation(s: SessionLike, *, gen_id: str, owner: str | None = None) -> 
 
 
 def _cas_generation(s: Session, gen_id: str, where: ColumnElement[bool], **values: Any) -> bool:
-    result = s.execute(
-        update(Generation)
-        .where(Generation.id == gen_id, where)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount == 1:
-        s.commit()
-        return True
-    s.rollback()
-    return False
+    return _cas_row(s, Generation, gen_id, where, **values)
 
 
 def start_generation(s: SessionLike, *, gen_id: str) -> Generation | None:
