@@ -141,16 +141,40 @@ def load_model(source: str | Path, *, dtype: Any = None, device: Any = None):
             "can run code). Convert with `model.save_pretrained(dir, safe_serialization=True)`"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name,
+            dtype=dtype or torch.float32,
+            trust_remote_code=False,
+            use_safetensors=True,
+            output_loading_info=True,
         )
-    except OSError as err:
-        raise ModelNotFoundError(f"could not load weights of {name!r}: {err}") from None
+    except Exception as err:  # missing, truncated or malformed files: one clear line, no trace
+        log.debug("loading %s failed", name, exc_info=True)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelNotFoundError(
+            f"could not load the weights of {name!r} ({reason}); check that the folder holds "
+            "complete *.safetensors files matching config.json"
+        ) from None
+    _check_loading_info(name, info, tied=bool(cfg.get("tie_word_embeddings")))
     if cfg.get("model_type") != OWN_MODEL_TYPE:
         model = EfficientLLMForCausalLM.from_family(model)
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def _check_loading_info(name: str, info: dict[str, Any], *, tied: bool) -> None:
+    """transformers re-initialises missing or mis-shaped weights with a warning; a source whose
+    files do not fit its config must fail instead of training a random model."""
+    missing = [k for k in info.get("missing_keys", ()) if not (tied and k == "lm_head.weight")]
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+    if missing or mismatched:
+        bad = (mismatched or missing)[:3]
+        what = "have the wrong shape" if mismatched else "are missing"
+        raise ModelNotFoundError(
+            f"could not load the weights of {name!r}: {len(mismatched or missing)} tensors {what} "
+            f"(e.g. {', '.join(map(str, bad))}); the *.safetensors files do not match config.json"
+        )
 
 
 def load_tokenizer(source: str | Path):

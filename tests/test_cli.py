@@ -284,3 +284,42 @@ def test_demo_model_prune_oneshot_austen(demo_model_dir, austen, tmp_path) -> No
 
     model = load_exported(out)
     assert sum(p.numel() for p in model.parameters()) == report["params"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header", "wrong shapes"])
+def test_damaged_weights_are_one_clear_line(tiny, tmp_path, damage) -> None:
+    import shutil
+
+    src, docs = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    weights = bad / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage header":
+        weights.write_bytes(b"\xff" * 8 + b"{not json" + b"\x00" * 100)
+    else:  # a valid file whose tensors do not fit config.json
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(weights)
+        t = {k: v[..., :-1].contiguous() if v.dim() == 2 else v for k, v in t.items()}
+        save_file(t, weights)
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app,
+        [
+            "prune-oneshot",
+            "--model",
+            str(bad),
+            "--data",
+            str(docs[0]),
+            "--budget",
+            "50%",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    last = [ln for ln in res.output.splitlines() if ln.strip()][-1]
+    assert last.startswith("error: could not load the weights"), res.output
+    assert "Traceback" not in res.output and not out.exists()
