@@ -41,7 +41,10 @@ def resolve(source: str | Path) -> tuple[str, bool]:
     text = str(source).strip()
     if not text:
         raise ModelNotFoundError("no model given; pass a hub id (org/name) or a local folder")
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~someone" with no such user
+        raise ModelNotFoundError(f"model {text!r} not found: no such folder") from None
     if path.is_dir():
         return str(path), True
     if path.exists():

@@ -98,3 +98,9 @@ def test_local_folder_needs_safetensors(tmp_path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(ModelNotFoundError, match="safetensors"):
         load_model(tmp_path)
+
+
+def test_tilde_of_an_unknown_user_is_a_clear_error() -> None:
+    """Found by the property test: Path('~nosuchuser').expanduser() raises RuntimeError."""
+    with pytest.raises(ModelNotFoundError, match="no such folder"):
+        resolve("~nosuchuser/model")
