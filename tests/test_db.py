@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # db/ is a top-level package next to efficientllm/
     sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import Engine, create_engine, text  # noqa: E402
+from sqlalchemy import Engine, text  # noqa: E402
 from sqlalchemy.exc import OperationalError  # noqa: E402
 from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
+from worker_util import pg_schema, pg_unreachable  # noqa: E402
 
 from db import repo  # noqa: E402
 from db.engine import make_engine, session_factory, upgrade_to_head  # noqa: E402
@@ -37,23 +37,6 @@ from efficientllm.events import (  # noqa: E402
 )
 from efficientllm.shape import LayerShape, ModelShape  # noqa: E402
 
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-_pg_error: list[str] = []
-
-
-def pg_unreachable() -> str | None:
-    """Why PostgreSQL cannot be used here, or None (checked once per session)."""
-    if not _pg_error:
-        try:
-            eng = create_engine(PG_URL, connect_args={"connect_timeout": 3})
-            with eng.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            eng.dispose()
-            _pg_error.append("")
-        except Exception as exc:
-            _pg_error.append(f"PostgreSQL at {PG_URL} is not reachable: {exc.__class__.__name__}")
-    return _pg_error[0] or None
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
@@ -64,16 +47,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     reason = pg_unreachable()
     if reason:
         pytest.skip(reason)
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with pg_schema() as url:
+        yield url
 
 
 @pytest.fixture

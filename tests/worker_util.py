@@ -4,6 +4,7 @@ backend, tiny job configs and bounded waits."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -101,8 +102,9 @@ def _pings(server: RedisServer) -> bool:
         return False
 
 
+@functools.cache
 def pg_unreachable() -> str | None:
-    """Why PostgreSQL cannot be used here, or None."""
+    """Why PostgreSQL cannot be used here, or None (checked once per process)."""
     try:
         eng = create_engine(PG_URL, connect_args={"connect_timeout": 3})
         with eng.connect() as conn:
