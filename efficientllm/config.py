@@ -42,7 +42,8 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class BudgetConfig:
     target: str = "50%"
-    """Final parameter count: 67M, 0.5B, 67000000, or a ratio of the source like 50%."""
+    """Final parameter count: 67M, 0.5B, 67000000, or a ratio of the source like 50%. ``none``
+    trains the source as it is, without pruning (continued pretraining, or a baseline)."""
     granularity: Literal["uniform", "global"] = "global"
     """uniform: every layer keeps the same widths; global: widths per layer chosen by saliency."""
     kinds: list[Literal["qhead", "kvgroup", "ffn", "hidden", "layer"]] = field(
@@ -55,6 +56,11 @@ class BudgetConfig:
     """FFN channels are removed in blocks of this many."""
     tolerance: float = 0.005
     """The final count lands at most this fraction below the budget (never above)."""
+
+    @property
+    def no_pruning(self) -> bool:
+        """``target: none``: plain training at the source's shape."""
+        return self.target.strip().lower() == "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,12 +285,13 @@ def validate(cfg: RunConfig) -> list[str]:
     _rng(p, "budget.tolerance", b.tolerance, 0, 0.5)
     if not b.kinds:
         p.append("budget.kinds: allow at least one group kind")
-    try:
-        from efficientllm.budget import parse_budget
+    if not b.no_pruning:
+        try:
+            from efficientllm.budget import parse_budget
 
-        parse_budget(b.target, 10**12)
-    except ConfigError as err:
-        p.append(f"budget.target: {err}")
+            parse_budget(b.target, 10**12)
+        except ConfigError as err:
+            p.append(f"budget.target: {err}")
     tokens_per_step = t.batch_size * t.grad_accum * d.block_len
     if t.total_tokens < tokens_per_step:
         p.append(

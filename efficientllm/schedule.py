@@ -45,8 +45,17 @@ class Plan:
         tokens_per_step: int,
         start_fraction: float,
         prune_fraction: float,
+        prune: bool = True,
     ) -> Plan:
+        """``prune=False``: no pruning phase; every step trains the fixed shape (recovery)."""
         total = max(1, total_tokens // tokens_per_step)
+        if not prune:
+            return cls(
+                tokens_per_step=tokens_per_step,
+                total_steps=total,
+                prune_start_step=0,
+                prune_end_step=0,
+            )
         start = int(round(start_fraction * total))
         end = max(start + 1, int(round((start_fraction + prune_fraction) * total)))
         return cls(

@@ -113,6 +113,9 @@ class Trainer:
         from efficientllm.rundata import validate_sources
 
         source = shape_from_config(load_config_dict(self.cfg.model.source))
+        if self.cfg.budget.no_pruning:
+            validate_sources(self.cfg.data)
+            return source, source.num_params()
         budget = parse_budget(self.cfg.budget.target, source.num_params())
         check_budget(
             source,
@@ -188,6 +191,7 @@ class Trainer:
             tokens_per_step=t.batch_size * t.grad_accum * cfg.data.block_len,
             start_fraction=cfg.schedule.start_fraction,
             prune_fraction=cfg.schedule.prune_fraction,
+            prune=not cfg.budget.no_pruning,
         )
         ckpt.clean_partial(self.ckpt_dir)
         state = ckpt.load_latest(self.ckpt_dir)

@@ -79,3 +79,17 @@ def test_trajectory_and_lr() -> None:
     assert plan.target(60, source=100, budget=50) == 50 and plan.phase(60) == "recovery"
     assert cosine_lr(0, total=10, peak=1.0, warmup=2, min_ratio=0.1) == 0.5
     assert cosine_lr(10, total=10, peak=1.0, warmup=2, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_budget_none_means_no_pruning_plan() -> None:
+    cfg = RunConfig.from_dict(
+        {"model": {"source": "x/y"}, "data": {"train": ["a.txt"]}, "budget": {"target": "None"}}
+    )
+    assert cfg.budget.no_pruning
+    assert not RunConfig().budget.no_pruning
+    plan = Plan.make(
+        total_tokens=1000, tokens_per_step=100, start_fraction=0, prune_fraction=0.5, prune=False
+    )
+    assert (plan.total_steps, plan.prune_start_step, plan.prune_end_step) == (10, 0, 0)
+    assert {plan.phase(s) for s in range(10)} == {"recovery"}
+    assert plan.target(3, source=500, budget=500) == 500

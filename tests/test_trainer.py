@@ -229,3 +229,24 @@ def test_variant_b_compensation_run_reaches_budget(assets, tmp_path) -> None:
     assert budget * (1 - cfg.budget.tolerance) <= res.params <= budget
     assert all(torch.isfinite(torch.tensor(s.loss)) for s in sink.of(StepMetrics))
     assert sink.of(Pruned)
+
+
+def test_budget_none_trains_the_source_shape_without_pruning(assets, tmp_path) -> None:
+    """``budget.target: none`` = plain (continued) pretraining: the baseline arms' trainer."""
+    cfg = _cfg(assets, tmp_path / "plain", budget={"target": "none"}, train={"eval_every": 4})
+    sink = ListSink()
+    result = Trainer(cfg, sink=sink).run()
+    started = sink.of(RunStarted)[0]
+    assert started.budget == started.source_params
+    assert started.prune_end_step == 0
+    assert sink.of(Pruned) == []
+    steps = sink.of(StepMetrics)
+    assert {s.phase for s in steps} == {"recovery"}
+    assert {s.params for s in steps} == {started.source_params}
+    assert result.params == started.source_params
+    assert steps[-1].loss < steps[0].loss
+    labels = [e.label for e in sink.of(Evaluated)]
+    assert labels[0] == "start" and labels[-1] == "final" and "after_pruning" not in labels
+    assert labels.count("step") >= 2
+    model = load_exported(result.export_path)
+    assert sum(p.numel() for p in model.parameters()) == started.source_params
