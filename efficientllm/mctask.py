@@ -14,18 +14,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from efficientllm.errors import DataError
+from efficientllm.errors import ConfigError, DataError
 
 TASK_NAME = "next_sentence"
+BUILDER_VERSION = 2
+"""Bumped whenever the same text and spec would give different items (part of the task hash)."""
 
 # Titles that end in a full stop but do not end a sentence (Austen and most English prose).
 _ABBREV = {"mr", "mrs", "ms", "dr", "st", "col", "capt", "esq", "messrs", "rev", "gen", "lt"}
 _END = re.compile(r"[.!?][\"'\u201d\u2019)]*\s+(?=[\"'\u201c\u2018(]?[A-Z])")
+
+
+def _is_initial(word: str) -> bool:
+    """``J.`` in ``J. Smith``: one capital letter (not the pronoun ``I``) before a full stop."""
+    return len(word) == 1 and word.isupper() and word != "I"
 
 
 def split_sentences(text: str) -> list[str]:
@@ -33,8 +42,8 @@ def split_sentences(text: str) -> list[str]:
     flat = " ".join(text.split())
     out, start = [], 0
     for m in _END.finditer(flat):
-        word = flat[start : m.start()].rsplit(" ", 1)[-1].lower().strip("\"'(\u201c\u2018")
-        if word in _ABBREV:
+        word = flat[start : m.start()].rsplit(" ", 1)[-1].strip("\"'(\u201c\u2018")
+        if word.lower() in _ABBREV or _is_initial(word):
             continue
         out.append(flat[start : m.end()].strip())
         start = m.end()
@@ -61,8 +70,32 @@ class NextSentenceSpec:
     seed: int = 0
 
 
+def _check_spec(spec: NextSentenceSpec) -> None:
+    problems = []
+    if spec.n_items < 1:
+        problems.append(f"n_items must be at least 1, got {spec.n_items}")
+    if spec.n_choices < 2:
+        problems.append(f"n_choices must be at least 2, got {spec.n_choices}")
+    if spec.context_sentences < 1:
+        problems.append(f"context_sentences must be at least 1, got {spec.context_sentences}")
+    if not 1 <= spec.min_chars <= spec.max_chars:
+        problems.append(
+            f"need 1 <= min_chars <= max_chars, got {spec.min_chars} and {spec.max_chars}"
+        )
+    if spec.length_ratio < 1:
+        problems.append(f"length_ratio must be at least 1, got {spec.length_ratio}")
+    if spec.min_distance < 1:
+        problems.append(f"min_distance must be at least 1, got {spec.min_distance}")
+    if problems:
+        raise ConfigError(problems)
+
+
 def build_items(docs: list[str], spec: NextSentenceSpec = NextSentenceSpec()) -> list[dict]:
-    """``{"context", "choices", "label", "where"}`` items from ``docs`` (held-out text)."""
+    """``{"context", "choices", "label", "where"}`` items from ``docs`` (held-out text).
+
+    The same ``docs`` and ``spec`` always give the same items; the choices of an item are
+    distinct texts."""
+    _check_spec(spec)
     sents: list[tuple[int, int, str]] = []  # (doc, index in doc, sentence)
     for d, text in enumerate(docs):
         sents += [(d, i, s) for i, s in enumerate(split_sentences(text))]
@@ -86,17 +119,22 @@ def build_items(docs: list[str], spec: NextSentenceSpec = NextSentenceSpec()) ->
     for k, context in picked:
         true = sents[k][2]
         lo, hi = len(true) / spec.length_ratio, len(true) * spec.length_ratio
-        pool = [
-            j
-            for j in range(len(sents))
-            if ok[j]
-            and abs(j - k) >= spec.min_distance
-            and lo <= len(sents[j][2]) <= hi
-            and sents[j][2] != true
-        ]
+        pool = list(
+            dict.fromkeys(  # each text once: a repeated sentence must not fill two choices
+                sents[j][2]
+                for j in range(len(sents))
+                if ok[j]
+                and abs(j - k) >= spec.min_distance
+                and lo <= len(sents[j][2]) <= hi
+                and sents[j][2] != true
+            )
+        )
         if len(pool) < spec.n_choices - 1:
-            raise DataError("the held-out text is too short to draw distractor sentences")
-        distractors = [sents[j][2] for j in rng.sample(pool, spec.n_choices - 1)]
+            raise DataError(
+                "the held-out text is too short to draw distractor sentences of similar length; "
+                "give more held-out text"
+            )
+        distractors = rng.sample(pool, spec.n_choices - 1)
         label = rng.randrange(spec.n_choices)
         choices = distractors[:label] + [true] + distractors[label:]
         items.append(
@@ -139,16 +177,26 @@ def write_task(items: list[dict], out_dir: Path, *, task: str = TASK_NAME) -> Pa
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     data = out_dir / "items.jsonl"
-    data.write_text("".join(json.dumps(it) + "\n" for it in items), encoding="utf-8")
-    (out_dir / f"{task}.yaml").write_text(
-        _yaml(task, data, out_dir / "hf-cache"), encoding="utf-8"
-    )
+    _write_atomic(data, "".join(json.dumps(it) + "\n" for it in items))
+    # the YAML last: its presence marks a complete task (build_task reuses the folder then)
+    _write_atomic(out_dir / f"{task}.yaml", _yaml(task, data, out_dir / "hf-cache"))
     return out_dir
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers (another process building the same task) never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")  # the umask's permissions, as the cache's
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def task_fingerprint(docs: list[str], spec: NextSentenceSpec) -> str:
     """Short hash of the text and the spec: the same inputs always give the same items."""
-    h = hashlib.sha256(json.dumps(spec.__dict__, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps([BUILDER_VERSION, spec.__dict__], sort_keys=True).encode())
     for text in docs:
         h.update(hashlib.sha256(text.encode("utf-8")).digest())
     return h.hexdigest()[:12]
