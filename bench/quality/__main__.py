@@ -1,0 +1,192 @@
+"""python -m bench.quality --scale cpu|gpu|tiny [--out DIR] [--arms abcd] [--set key=value ...]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from bench.quality.arms import ARMS, final_eval, oneshot, random_like, train
+from bench.quality.scales import SCALES
+
+
+def _machine(device: str) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    if device != "cpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()} CPU cores ({cpu}), {threads} torch threads, torch {torch.__version__}"
+
+
+def _austen() -> tuple[list[Path], list[Path]]:
+    from efficientllm.assets import DEMO_HELDOUT_BOOK, austen_books
+
+    books = austen_books()
+    train = [p for t, p in books.items() if t != DEMO_HELDOUT_BOOK]
+    return train, [books[DEMO_HELDOUT_BOOK]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__)
+    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/quality-<scale>")
+    ap.add_argument("--arms", default="abcd", help="subset of abcd (c needs a)")
+    ap.add_argument("--train", type=Path, nargs="*", help="training text files (default: Austen)")
+    ap.add_argument("--heldout", type=Path, nargs="*", help="held-out text files")
+    ap.add_argument("--source", help="override the scale's source (hub id, folder, demo)")
+    ap.add_argument("--cache", type=Path, help="default <efficientllm cache>/bench-quality")
+    ap.add_argument(
+        "--source-only", action="store_true", help="prepare (pretrain) the source and stop"
+    )
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="scale overrides")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from efficientllm.assets import cache_root
+    from efficientllm.data import read_documents
+
+    hf_logging.disable_progress_bar()  # one line per ~10% of each arm instead
+    scale = SCALES[args.scale].with_overrides(args.set)
+    if args.source:
+        scale = scale.with_overrides([f"source={args.source}"])
+    arms = [a for a in "abcd" if a in args.arms]
+    if "c" in arms and "a" not in arms:
+        raise SystemExit("error: arm c trains arm a's final architecture; include arm a")
+    out = args.out or Path("bench/results") / f"quality-{scale.name}"
+    work = out / "runs"
+    cache = args.cache or cache_root() / "bench-quality"
+    if bool(args.train) != bool(args.heldout):
+        raise SystemExit("error: give both --train and --heldout, or neither (Austen by book)")
+    train_files, heldout_files = (args.train, args.heldout) if args.train else _austen()
+    heldout_docs = read_documents(heldout_files)
+    torch.manual_seed(scale.seed)
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{(time.perf_counter() - t0) / 60:5.1f} min] {msg}", flush=True)
+
+    source_meta = None
+    if scale.source == "pretrain":
+        from bench.quality.source import pretrained_source
+
+        source, source_meta = pretrained_source(scale, train_files, heldout_files, cache, say)
+        source_desc = (
+            f"small Llama pretrained here on the training books ({source_meta['tokens']:,} "
+            f"tokens, own BPE tokenizer of {source_meta['config']['vocab_size']} tokens)"
+        )
+    else:
+        from efficientllm.assets import demo_model_path
+
+        source = demo_model_path() if scale.source == "demo" else Path(scale.source)
+        source_desc = "SmolLM2-135M (demo model)" if scale.source == "demo" else str(source)
+
+    if args.source_only:
+        say(f"source ready: {source}")
+        return 0
+    if scale.deterministic:  # every arm, one-shot scoring and evaluation alike
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+    from efficientllm.budget import parse_budget
+    from efficientllm.model_io import source_shape
+
+    src_params = source_shape(source).num_params()
+    budget_params = parse_budget(scale.budget, src_params)
+    common = dict(train_files=train_files, heldout_files=heldout_files, say=say)
+    results: dict[str, dict] = {}
+    task_cache = cache / "tasks"
+
+    def finish(key: str, run: dict, extra: dict | None = None) -> None:
+        say(f"arm {key}: final evaluation (whole held-out text + lm-eval next_sentence)")
+        ev = final_eval(Path(run["export"]), heldout_docs, scale, task_cache)
+        results[key] = {"method": ARMS[key], **run, **(extra or {}), **ev}
+        say(
+            f"arm {key}: ppl {ev['ppl']:.2f}, acc {ev['mc']['acc']:.3f}, "
+            f"{run['params']:,} params, {run['train_tokens']:,} tokens"
+        )
+
+    if "a" in arms:
+        say(f"arm a: {ARMS['a']}")
+        run = train(
+            "a", source, work / "a", scale, tokens=scale.arm_tokens, budget=scale.budget, **common
+        )
+        finish("a", run)
+    for key, gran in (("b", "global"), ("d", "uniform")):
+        if key not in arms:
+            continue
+        say(f"arm {key}: {ARMS[key]}")
+        shot = oneshot(
+            source, work / key / "oneshot", scale, train_files=train_files, granularity=gran
+        )
+        run = train(
+            key,
+            Path(shot["export"]),
+            work / key / "train",
+            scale,
+            tokens=scale.arm_tokens,
+            **common,
+        )
+        run["seconds"] = round(run["seconds"] + shot["seconds"], 1)
+        finish(key, run, {"oneshot": {k: v for k, v in shot.items() if k != "export"}})
+    if "c" in arms:
+        say(f"arm c: {ARMS['c']}")
+        init = random_like(Path(results["a"]["export"]), work / "c" / "init", seed=scale.seed)
+        run = train("c", init, work / "c" / "train", scale, tokens=scale.arm_tokens, **common)
+        finish("c", run)
+
+    order = {k: results[k] for k in "abcd" if k in results}
+    first = next(iter(order.values()))
+    from importlib.metadata import version
+
+    res = {
+        "setup": {
+            "scale": scale.name,
+            "command": "python -m bench.quality "
+            + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+            "machine": _machine(scale.device),
+            "source": str(source) if scale.source != "pretrain" else "pretrain",
+            "source_desc": source_desc,
+            "source_params": src_params,
+            "source_meta": source_meta,
+            "budget": scale.budget,
+            "budget_params": budget_params,
+            "split": {
+                "train": [Path(f).stem for f in train_files],
+                "heldout": [Path(f).stem for f in heldout_files],
+                "by": "book",
+            },
+            "arm_tokens": scale.arm_tokens,
+            "batch_size": scale.batch_size,
+            "block_len": scale.block_len,
+            "lr": scale.lr,
+            "seed": scale.seed,
+            "ppl_protocol": first["ppl_protocol"],
+            "curve_protocol": first["eval_protocol"],
+            "mc_items": scale.mc_items,
+            "lm_eval_version": version("lm-eval"),
+            "scale_settings": scale.__dict__,
+        },
+        "arms": order,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    from bench.quality.report import markdown, scrub, write
+
+    res = scrub(res, {str(cache) + os.sep: "<cache>/", os.getcwd() + os.sep: ""})
+
+    for a in res["arms"].values():
+        a.pop("loss", None) if len(a.get("loss", [])) > 2000 else None
+    paths = write(res, out)
+    print(markdown(res))
+    say("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""results.json, results.md, perplexity.html (Plotly) and perplexity.png for a benchmark run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLORS = {"a": "#d62728", "b": "#1f77b4", "c": "#7f7f7f", "d": "#2ca02c"}
+
+
+def markdown(res: dict) -> str:
+    s, arms = res["setup"], res["arms"]
+    lines = [
+        f"### Quality benchmark, scale `{s['scale']}`",
+        "",
+        f"Command: `{s['command']}`  ",
+        f"Machine: {s['machine']}  ",
+        f"Source: {s['source_desc']} ({s['source_params']:,} params); budget {s['budget']} "
+        f"-> {s['budget_params']:,} params  ",
+        f"Data: train = {', '.join(s['split']['train'])}; held-out = "
+        f"{', '.join(s['split']['heldout'])} (split by book)  ",
+        f"Every arm: {s['arm_tokens']:,} training tokens (pruning + recovery counted together), "
+        f"batch {s['batch_size']}x{s['block_len']}, peak LR {s['lr']}, seed {s['seed']}  ",
+        f"Perplexity: {s['ppl_protocol']}; multiple choice: lm-eval {s['lm_eval_version']}, "
+        f"offline `next_sentence` task ({s['mc_items']} items from the held-out book, "
+        "true next sentence among 4, 0-shot, chance 25%)",
+        "",
+        "| arm | method | params | train tokens | calib. tokens | held-out ppl | acc | acc_norm "
+        "| wall time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, a in arms.items():
+        mc = a["mc"]
+        lines.append(
+            f"| {key} | {a['method']} | {a['params']:,} | {a['train_tokens']:,} | "
+            f"{a.get('oneshot', {}).get('calibration_tokens', 0):,} | "
+            f"{a['ppl']:.2f} | {mc['acc']:.3f} ± {mc['acc_stderr']:.3f} | "
+            f"{mc['acc_norm']:.3f} | {a['seconds'] / 60:.1f} min |"
+        )
+    lines += ["", "Final shapes:", ""]
+    for key, a in arms.items():
+        lines.append(f"- {key}: {a['shape_summary']}")
+    if s.get("source_meta"):
+        m = s["source_meta"]
+        lines += [
+            "",
+            f"Source pretraining (cached; not part of the arms): {m['tokenizer']}; "
+            f"{m['params']:,} params, {m['tokens']:,} tokens, LR {m['lr']}, "
+            f"{m['seconds'] / 60:.1f} min.",
+        ]
+    lines += ["", f"Total wall time: {res['seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def figure(res: dict):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for key, a in res["arms"].items():
+        xs = [t for t, _ in a["curve"]]
+        ys = [p for _, p in a["curve"]]
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines+markers",
+                name=f"{key}: {a['method']}",
+                line={"color": COLORS.get(key)},
+            )
+        )
+    fig.update_layout(
+        title=f"Held-out perplexity vs training tokens (scale {res['setup']['scale']})",
+        xaxis_title="training tokens (pruning + recovery)",
+        yaxis_title="held-out perplexity (log)",
+        yaxis_type="log",
+        template="plotly_white",
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def png(res: dict, path: Path) -> None:
+    """The same figure as a static image (matplotlib; Plotly's image export needs Chrome)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for key, a in res["arms"].items():
+        xs = [t for t, _ in a["curve"]]
+        ys = [p for _, p in a["curve"]]
+        ax.plot(xs, ys, marker="o", ms=3, color=COLORS.get(key), label=f"{key}: {a['method']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (pruning + recovery)")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title(f"Held-out perplexity vs training tokens (scale {res['setup']['scale']})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def scrub(res: dict, replacements: dict[str, str]) -> dict:
+    """The results with machine-specific path prefixes replaced (they go into commits)."""
+    text = json.dumps(res)
+    for prefix, label in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(json.dumps(prefix)[1:-1], label)
+    return json.loads(text)
+
+
+def write(res: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "results.json",
+        "md": out / "results.md",
+        "html": out / "perplexity.html",
+        "png": out / "perplexity.png",
+    }
+    paths["json"].write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    paths["md"].write_text(markdown(res), encoding="utf-8")
+    figure(res).write_html(paths["html"], include_plotlyjs="cdn")
+    png(res, paths["png"])
+    return paths
