@@ -43,7 +43,7 @@ def _bench(tmp: Path, out: str, *extra: str) -> dict:
 def test_tiny_benchmark_is_token_and_size_matched_and_reproducible(tmp_path) -> None:
     res = _bench(tmp_path, "run1")
     arms, setup = res["arms"], res["setup"]
-    assert list(arms) == ["a", "b", "c", "d"]
+    assert list(arms) == ["a", "b", "c", "d", "e"]
     budget = setup["budget_params"]
     # equal training tokens: pruning phase + recovery for a, continued pretraining for b/c/d
     assert {a["train_tokens"] for a in arms.values()} == {setup["arm_tokens"]}
@@ -52,7 +52,8 @@ def test_tiny_benchmark_is_token_and_size_matched_and_reproducible(tmp_path) -> 
         assert a["params"] == a["params_counted"], key  # the count the JSON shows is real
         assert 0.95 * budget <= a["params"] <= budget, (key, a["params"], budget)
     assert arms["c"]["shape"] == arms["a"]["shape"]
-    assert arms["a"]["pruning_events"] > 0 and arms["b"]["pruning_events"] == 0
+    assert arms["a"]["pruning_events"] > 0 and arms["e"]["pruning_events"] > 0
+    assert arms["b"]["pruning_events"] == 0
     assert arms["b"]["oneshot"]["calibration_tokens"] > 0
     # uniform arm: every layer alike; global arm a/b may differ per layer
     d_layers = arms["d"]["shape"]["layers"]
@@ -62,6 +63,8 @@ def test_tiny_benchmark_is_token_and_size_matched_and_reproducible(tmp_path) -> 
         assert a["mc"]["n"] == setup["mc_items"]
         assert 0.0 <= a["mc"]["acc"] <= 1.0
         assert a["ppl"] > 1.0
+    source = res["source_eval"]
+    assert source["params_counted"] == setup["source_params"] and source["mc"]["n"] > 0
     assert setup["split"] == {
         "train": ["book0", "book1", "book2", "book3", "book4"],
         "heldout": ["heldout"],
@@ -72,8 +75,12 @@ def test_tiny_benchmark_is_token_and_size_matched_and_reproducible(tmp_path) -> 
         assert (out / name).stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "| a |" in md and "| d |" in md and f"{arms['a']['params']:,}" in md
-    # same seed, same numbers (the source model comes from the cache the first run filled)
-    again = _bench(tmp_path, "run2", "--arms", "a")
+    # same seed, same numbers (the source model comes from the cache the first run filled);
+    # --keep re-runs arm a only and keeps the other arms of run1
+    again = _bench(tmp_path, "run1", "--arms", "a", "--keep")
+    assert list(again["arms"]) == list(arms)
+    assert again["arms"]["d"] == arms["d"]
+    assert len(again["setup"]["commands"]) == 2
     assert again["arms"]["a"]["ppl"] == pytest.approx(arms["a"]["ppl"], rel=1e-6)
     first, second = arms["a"]["curve"], again["arms"]["a"]["curve"]
     assert [t for t, _ in second] == [t for t, _ in first]

@@ -1,4 +1,4 @@
-"""python -m bench.quality --scale cpu|gpu|tiny [--out DIR] [--arms abcd] [--set key=value ...]"""
+"""python -m bench.quality --scale cpu|gpu|tiny [--out DIR] [--arms abcde] [--set key=value ...]"""
 
 from __future__ import annotations
 
@@ -32,11 +32,34 @@ def _austen() -> tuple[list[Path], list[Path]]:
     return train, [books[DEMO_HELDOUT_BOOK]]
 
 
+def _kept(out: Path, scale) -> dict:
+    """Arms of an earlier run in ``out`` (``--keep``), refused unless its settings match."""
+    import json
+
+    path = out / "results.json"
+    if not path.is_file():
+        return {"arms": {}, "commands": []}
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if old["setup"]["scale_settings"] != scale.__dict__:
+        raise SystemExit(f"error: --keep: {path} was made with other settings; drop --keep")
+    setup = old["setup"]
+    return {
+        "arms": old["arms"],
+        "commands": setup.get("commands", [setup["command"]]),
+        "source_eval": old.get("source_eval"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__)
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/quality-<scale>")
-    ap.add_argument("--arms", default="abcd", help="subset of abcd (c needs a)")
+    ap.add_argument("--arms", default="abcde", help="subset of abcde (c needs a)")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the other arms of an earlier run with the same settings in --out/results.json",
+    )
     ap.add_argument("--train", type=Path, nargs="*", help="training text files (default: Austen)")
     ap.add_argument("--heldout", type=Path, nargs="*", help="held-out text files")
     ap.add_argument("--source", help="override the scale's source (hub id, folder, demo)")
@@ -54,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     from efficientllm.data import read_documents
 
     hf_logging.disable_progress_bar()  # one line per ~10% of each arm instead
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' bars
     scale = SCALES[args.scale].with_overrides(args.set)
     if args.source:
         scale = scale.with_overrides([f"source={args.source}"])
-    arms = [a for a in "abcd" if a in args.arms]
-    if "c" in arms and "a" not in arms:
-        raise SystemExit("error: arm c trains arm a's final architecture; include arm a")
+    arms = [a for a in ARMS if a in args.arms]
     out = args.out or Path("bench/results") / f"quality-{scale.name}"
+    kept = _kept(out, scale) if args.keep else {"arms": {}, "commands": []}
+    if "c" in arms and "a" not in arms and "a" not in kept["arms"]:
+        raise SystemExit("error: arm c trains arm a's final architecture; include arm a")
     work = out / "runs"
     cache = args.cache or cache_root() / "bench-quality"
     if bool(args.train) != bool(args.heldout):
@@ -100,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     src_params = source_shape(source).num_params()
     budget_params = parse_budget(scale.budget, src_params)
     common = dict(train_files=train_files, heldout_files=heldout_files, say=say)
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {k: v for k, v in kept["arms"].items() if k not in arms}
     task_cache = cache / "tasks"
 
     def finish(key: str, run: dict, extra: dict | None = None) -> None:
@@ -112,12 +137,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['params']:,} params, {run['train_tokens']:,} tokens"
         )
 
+    source_eval = kept.get("source_eval")
+    if source_eval is None:
+        say("source model: the same final evaluation, for reference")
+        source_eval = final_eval(Path(source), heldout_docs, scale, task_cache)
     if "a" in arms:
         say(f"arm a: {ARMS['a']}")
         run = train(
             "a", source, work / "a", scale, tokens=scale.arm_tokens, budget=scale.budget, **common
         )
         finish("a", run)
+    if "e" in arms:
+        say(f"arm e: {ARMS['e']}")
+        run = train(
+            "e",
+            source,
+            work / "e",
+            scale,
+            tokens=scale.arm_tokens,
+            budget=scale.budget,
+            compensation="obs",
+            **common,
+        )
+        finish("e", run)
     for key, gran in (("b", "global"), ("d", "uniform")):
         if key not in arms:
             continue
@@ -141,13 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         run = train("c", init, work / "c" / "train", scale, tokens=scale.arm_tokens, **common)
         finish("c", run)
 
-    order = {k: results[k] for k in "abcd" if k in results}
+    order = {k: results[k] for k in ARMS if k in results}
     first = next(iter(order.values()))
     from importlib.metadata import version
 
     res = {
         "setup": {
             "scale": scale.name,
+            "commands": kept["commands"]
+            + [
+                "python -m bench.quality "
+                + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+            ],
             "command": "python -m bench.quality "
             + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
             "machine": _machine(scale.device),
@@ -173,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "lm_eval_version": version("lm-eval"),
             "scale_settings": scale.__dict__,
         },
+        "source_eval": source_eval,
         "arms": order,
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -9,6 +9,8 @@ updates and are reported separately.
 - b  one-shot post-training pruning, global (non-uniform) widths from calibration saliency,
      then continued pretraining.
 - c  arm a's final architecture from random initialisation.
+- e  arm a with variant B: before each removal, a local second-order (OBS) update of the layer
+     that consumes the removed channels (schedule.compensation = obs).
 - d  uniform one-shot pruning (every layer cut alike, as Torch-Pruning / Minitron export),
      same calibration saliency inside each layer, then continued pretraining.
 """
@@ -26,6 +28,7 @@ ARMS = {
     "b": "one-shot pruning (global) + continued pretraining",
     "c": "arm a's final architecture from random init",
     "d": "uniform one-shot pruning + continued pretraining",
+    "e": "pruning-aware pretraining (variant B: OBS compensation)",
 }
 
 
@@ -41,6 +44,7 @@ def train(
     budget: str = "none",
     lr: float | None = None,
     deterministic: bool | None = None,
+    compensation: str = "none",
     say=print,
 ) -> dict:
     """One trainer run (pruning when ``budget`` is a budget, plain training for ``none``)."""
@@ -64,6 +68,7 @@ def train(
             "schedule": {
                 "prune_fraction": scale.prune_fraction,
                 "prune_every": scale.prune_every,
+                "compensation": compensation,
             },
             "train": {
                 "total_tokens": tokens,

@@ -13,7 +13,7 @@ def markdown(res: dict) -> str:
     lines = [
         f"### Quality benchmark, scale `{s['scale']}`",
         "",
-        f"Command: `{s['command']}`  ",
+        "Command: " + " then ".join(f"`{c}`" for c in s.get("commands", [s["command"]])) + "  ",
         f"Machine: {s['machine']}  ",
         f"Source: {s['source_desc']} ({s['source_params']:,} params); budget {s['budget']} "
         f"-> {s['budget_params']:,} params  ",
@@ -29,6 +29,14 @@ def markdown(res: dict) -> str:
         "| wall time |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    src = res.get("source_eval")
+    if src:
+        mc = src["mc"]
+        lines.append(
+            f"| source | before pruning (reference) | {s['source_params']:,} | – | – | "
+            f"{src['ppl']:.2f} | {mc['acc']:.3f} ± {mc['acc_stderr']:.3f} | "
+            f"{mc['acc_norm']:.3f} | – |"
+        )
     for key, a in arms.items():
         mc = a["mc"]
         lines.append(
