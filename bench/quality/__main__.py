@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shlex
@@ -40,7 +41,10 @@ def _kept(out: Path, scale) -> dict:
     if not path.is_file():
         return {"arms": {}, "commands": []}
     old = json.loads(path.read_text(encoding="utf-8"))
-    if old["setup"]["scale_settings"] != scale.__dict__:
+    # settings added to Scale after that run count as their defaults
+    defaults = {f.name: f.default for f in dataclasses.fields(scale)}
+    before = {**defaults, **old["setup"]["scale_settings"]}
+    if before != scale.__dict__:
         raise SystemExit(f"error: --keep: {path} was made with other settings; drop --keep")
     setup = old["setup"]
     return {

@@ -22,6 +22,8 @@ class Scale:
     ffn_size: int = 704
     source_tokens: int = 2_000_000
     source_lr: float = 2e-3
+    source_seed: int = 0
+    """Seed of the source's init and data order (``seed`` below is the arms' seed)."""
     source_deterministic: bool = False
     """Source pretraining on all cores (fast); the arms below follow ``deterministic``."""
     # every arm

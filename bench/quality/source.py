@@ -9,6 +9,7 @@ shapes them; held-out text is never seen.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -38,6 +39,7 @@ def _fingerprint(scale: Scale, train_files: list[Path]) -> str:
     ]
     d = {k: getattr(scale, k) for k in keys}
     d["deterministic"] = scale.source_deterministic
+    d["seed"] = scale.source_seed
     h = hashlib.sha256(json.dumps(d, sort_keys=True).encode())
     for f in train_files:
         h.update(hashlib.sha256(Path(f).read_bytes()).digest())
@@ -117,7 +119,7 @@ def pretrained_source(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    init = random_model_folder(config, tok, folder / "init", seed=scale.seed)
+    init = random_model_folder(config, tok, folder / "init", seed=scale.source_seed)
     say(f"source model: pretraining from random init on {scale.source_tokens:,} tokens")
     from bench.quality.arms import train
 
@@ -125,7 +127,7 @@ def pretrained_source(
         "source",
         init,
         folder / "run",
-        scale,
+        dataclasses.replace(scale, seed=scale.source_seed),
         train_files=train_files,
         heldout_files=heldout_files,
         tokens=scale.source_tokens,
