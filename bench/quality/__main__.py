@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import shlex
@@ -35,8 +36,6 @@ def _austen() -> tuple[list[Path], list[Path]]:
 
 def _kept(out: Path, scale) -> dict:
     """Arms of an earlier run in ``out`` (``--keep``), refused unless its settings match."""
-    import json
-
     path = out / "results.json"
     if not path.is_file():
         return {"arms": {}, "commands": []}
@@ -136,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"arm {key}: final evaluation (whole held-out text + lm-eval next_sentence)")
         ev = final_eval(Path(run["export"]), heldout_docs, scale, task_cache)
         results[key] = {"method": ARMS[key], **run, **(extra or {}), **ev}
+        # each finished arm is on disk at once: a crash later loses nothing already measured
+        (work / key / "arm.json").write_text(json.dumps(results[key], indent=2), encoding="utf-8")
         say(
             f"arm {key}: ppl {ev['ppl']:.2f}, acc {ev['mc']['acc']:.3f}, "
             f"{run['params']:,} params, {run['train_tokens']:,} tokens"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-COLORS = {"a": "#d62728", "b": "#1f77b4", "c": "#7f7f7f", "d": "#2ca02c"}
+COLORS = {"a": "#d62728", "b": "#1f77b4", "c": "#7f7f7f", "d": "#2ca02c", "e": "#ff7f0e"}
 
 
 def markdown(res: dict) -> str:
@@ -88,23 +88,31 @@ def figure(res: dict):
 
 
 def png(res: dict, path: Path) -> None:
-    """The same figure as a static image (matplotlib; Plotly's image export needs Chrome)."""
+    """The same curves as a static image (matplotlib; Plotly's image export needs Chrome): all
+    arms on the left, the right panel zoomed to the pruned arms (from-scratch c starts far up)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for key, a in res["arms"].items():
-        xs = [t for t, _ in a["curve"]]
-        ys = [p for _, p in a["curve"]]
-        ax.plot(xs, ys, marker="o", ms=3, color=COLORS.get(key), label=f"{key}: {a['method']}")
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens (pruning + recovery)")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title(f"Held-out perplexity vs training tokens (scale {res['setup']['scale']})")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    pruned = [p for k, a in res["arms"].items() if k != "c" for _, p in a["curve"]]
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for key, a in res["arms"].items():
+            xs = [t for t, _ in a["curve"]]
+            ys = [p for _, p in a["curve"]]
+            label = f"{key}: {a['method']}"
+            ax.plot(xs, ys, marker="o", ms=3, color=COLORS.get(key), label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("training tokens (pruning + recovery)")
+        ax.grid(alpha=0.3, which="both")
+        if zoom and pruned:
+            ax.set_ylim(min(pruned) * 0.97, max(pruned) * 1.03)
+            ax.set_title("zoom on the pruned arms")
+        else:
+            ax.set_ylabel("held-out perplexity (log)")
+            ax.set_title(f"Held-out perplexity vs training tokens (scale {res['setup']['scale']})")
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
