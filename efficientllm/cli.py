@@ -269,7 +269,12 @@ def run(
         list[str] | None, typer.Option(help="Held-out text (default: split --data by document).")
     ] = None,
     budget: Annotated[
-        str | None, typer.Option("--budget", "-b", help="Final parameter count: 67M, 0.5B, 50%.")
+        str | None,
+        typer.Option(
+            "--budget",
+            "-b",
+            help="Final parameter count: 67M, 0.5B, 50%; 'none' trains without pruning.",
+        ),
     ] = None,
     out: Annotated[
         str | None,
