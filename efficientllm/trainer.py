@@ -114,15 +114,15 @@ class Trainer:
 
         source = shape_from_config(load_config_dict(self.cfg.model.source))
         if self.cfg.budget.no_pruning:
-            validate_sources(self.cfg.data)
-            return source, source.num_params()
-        budget = parse_budget(self.cfg.budget.target, source.num_params())
-        check_budget(
-            source,
-            budget,
-            hidden_multiple=self.cfg.budget.hidden_multiple,
-            ffn_multiple=self.cfg.budget.ffn_multiple,
-        )
+            budget = source.num_params()
+        else:
+            budget = parse_budget(self.cfg.budget.target, source.num_params())
+            check_budget(
+                source,
+                budget,
+                hidden_multiple=self.cfg.budget.hidden_multiple,
+                ffn_multiple=self.cfg.budget.ffn_multiple,
+            )
         validate_sources(self.cfg.data)
         return source, budget
 

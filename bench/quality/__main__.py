@@ -192,16 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(order.values()))
     from importlib.metadata import version
 
+    command = "python -m bench.quality " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     res = {
         "setup": {
             "scale": scale.name,
-            "commands": kept["commands"]
-            + [
-                "python -m bench.quality "
-                + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-            ],
-            "command": "python -m bench.quality "
-            + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+            "commands": [*kept["commands"], command],
+            "command": command,
             "machine": _machine(scale.device),
             "source": str(source) if scale.source != "pretrain" else "pretrain",
             "source_desc": source_desc,
@@ -233,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
     res = scrub(res, {str(cache) + os.sep: "<cache>/", os.getcwd() + os.sep: ""})
 
-    for a in res["arms"].values():
-        a.pop("loss", None) if len(a.get("loss", [])) > 2000 else None
+    for a in res["arms"].values():  # per-step losses only for short runs (file size)
+        if len(a.get("loss", [])) > 2000:
+            del a["loss"]
     paths = write(res, out)
     print(markdown(res))
     say("wrote " + ", ".join(str(p) for p in paths.values()))
