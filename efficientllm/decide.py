@@ -107,11 +107,12 @@ class _Ranked:
 
 
 def _layer_candidate(
-    st: _State, shape: ModelShape, kind: GroupKind, li: int, orig: int, mf: int
+    st: _State, shape: ModelShape, kind: GroupKind, li: int, orig: int, ffn_multiple: int
 ) -> tuple[Group, float] | None:
     ly = shape.layers[li]
     if kind == "ffn":
         width = ly.intermediate_size
+        mf = effective_multiple(width, ffn_multiple)  # per layer: a narrow one affects only itself
         k = width % mf or mf
         if width - k < 1:
             return None
@@ -153,7 +154,7 @@ def _candidates(
     granularity: Granularity,
     kinds: Sequence[GroupKind],
     mh: int,
-    mf: int,
+    ffn_multiple: int,
 ) -> list[Removal]:
     out: list[Removal] = []
     for kind in kinds:
@@ -167,7 +168,7 @@ def _candidates(
             continue
         per_layer = []
         for li, orig in enumerate(st.layer_alive):
-            c = _layer_candidate(st, shape, kind, li, orig, mf)
+            c = _layer_candidate(st, shape, kind, li, orig, ffn_multiple)
             if c is not None:
                 per_layer.append(Removal(kind, (c[0],), c[1], group_cost(shape, c[0])))
         if kind == "layer" or granularity == "global":
@@ -228,14 +229,14 @@ def decide(
     ``saliency.UnitScores`` of the model with this shape."""
     st = _State(scores)
     mh = effective_multiple(shape.hidden_size, hidden_multiple)
-    mf = min(effective_multiple(ly.intermediate_size, ffn_multiple) for ly in shape.layers)
     removals: list[Removal] = []
     for _ in range(max_steps):
         count = shape.num_params()
         if count <= target:
             return Decision(removals=removals, drops=st.drops, shape=shape)
         cands = sorted(
-            _candidates(st, shape, granularity, kinds, mh, mf), key=lambda r: (r.normalised, r.cost)
+            _candidates(st, shape, granularity, kinds, mh, ffn_multiple),
+            key=lambda r: (r.normalised, r.cost),
         )
         if not cands:
             raise BudgetInfeasibleError(

@@ -175,3 +175,36 @@ def test_decide_raises_when_nothing_is_left() -> None:
     shape = shape_from_config(model.config.to_dict())
     with pytest.raises(BudgetInfeasibleError):
         decide(_random_scores(model), shape, 10, kinds=("ffn",))
+
+
+@pytest.mark.parametrize("granularity", ["global", "uniform"])
+def test_decide_ffn_multiple_is_per_layer(granularity) -> None:
+    """One narrow layer (width < 2 * ffn_multiple, so removed one channel at a time) must not
+    switch the wide layers to one-channel removals: they stay multiples of ffn_multiple."""
+    from efficientllm.saliency import UnitScores
+
+    shape = shape_from_config(tiny_config("llama_gqa_tied").to_dict())
+    ly = shape.layers[0]
+    widths = [64, 10, 64]  # ffn_multiple 8: 10 < 16 is narrow, 64 is wide
+    shape = shape.with_layers(
+        [
+            LayerShape(num_heads=ly.num_heads, num_kv_heads=ly.num_kv_heads, intermediate_size=w)
+            for w in widths
+        ]
+    )
+    g = torch.Generator().manual_seed(0)
+    scores = UnitScores(
+        q_head=[torch.rand(ly.num_heads, generator=g) for _ in widths],
+        kv_head=[torch.rand(ly.num_kv_heads, generator=g) for _ in widths],
+        ffn=[torch.rand(w, generator=g) for w in widths],
+        hidden=torch.rand(shape.hidden_size, generator=g),
+        layer=torch.rand(len(widths), generator=g),
+    )
+    per_channel = group_cost(shape, Group("ffn", 0, (0,)))
+    target = shape.num_params() - 20 * per_channel  # a few blocks of 8 from the wide layers
+    d = decide(scores, shape, target, granularity=granularity, kinds=("ffn",), ffn_multiple=8)
+    assert d.shape.num_params() <= target
+    new = [x.intermediate_size for x in d.shape.layers]
+    assert new[0] < 64 or new[2] < 64  # the wide layers did shrink ...
+    assert new[0] % 8 == 0 and new[2] % 8 == 0, new  # ... in blocks of ffn_multiple
+    assert all(len(r.groups[0].units) == 8 for r in d.removals if r.groups[0].layer != 1)
