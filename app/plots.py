@@ -3,7 +3,8 @@
 Shapes are ``ModelShape.to_dict()`` dicts: ``{"hidden_size", "head_dim", "vocab_size",
 "layers": [{"num_heads", "num_kv_heads", "intermediate_size"}, ...]}``. Metric points are
 ``{"tokens", "loss", "params", "target_params"}``; evals ``{"tokens", "ppl", "label"}``;
-pruning events ``{"tokens", "shape", "saliency": {kind: mean normalised saliency}}``.
+pruning events ``{"tokens", "shape", "saliency": {kind: mean normalised saliency}}`` (kinds as
+in ``efficientllm.curves``; older events' ``head`` is read as ``qhead``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from efficientllm.curves import saliency_curves
+from efficientllm.groups import KINDS
+
 Shape = dict[str, Any]
 WIDTHS = (
     ("num_heads", "query heads"),
     ("num_kv_heads", "KV heads"),
     ("intermediate_size", "FFN width"),
 )
-KINDS = ("qhead", "kvgroup", "ffn", "hidden", "layer")
 SOURCE_COLOR = "rgba(150,150,150,0.45)"
 COLORS = {"qhead": "#1f77b4", "kvgroup": "#ff7f0e", "ffn": "#2ca02c", "hidden": "#d62728"}
 COLORS["layer"] = "#9467bd"
@@ -162,6 +165,7 @@ def saliency_figure(events: list[dict[str, Any]], source: Shape | None) -> go.Fi
     )
     x = [e["tokens"] for e in events]
     fracs = [pruned_fractions(e["shape"], source) for e in events] if source else []
+    curves = [saliency_curves(e.get("saliency")) for e in events]
     for kind in KINDS:
         color = {"color": COLORS[kind]}
         if fracs:
@@ -172,7 +176,7 @@ def saliency_figure(events: list[dict[str, Any]], source: Shape | None) -> go.Fi
                 row=1,
                 col=1,
             )
-        sal = [(e.get("saliency") or {}).get(kind) for e in events]
+        sal = [c.get(kind) for c in curves]
         if any(v is not None for v in sal):
             fig.add_trace(
                 go.Scatter(

@@ -64,6 +64,14 @@ def test_saliency_figure_fraction_and_saliency_traces() -> None:
     assert "kvgroup saliency" not in by_name  # never reported: no empty trace
 
 
+def test_saliency_figure_plots_old_head_key_as_qhead() -> None:
+    old = [{**e, "saliency": {"head": 0.7, "ffn": 0.5, "hidden": 0.2}} for e in EVENTS]
+    by_name = {t.name: t for t in plots.saliency_figure(old, SOURCE).data}
+    assert list(by_name["qhead saliency"].y) == [0.7, 0.7]
+    assert list(by_name["ffn saliency"].y) == [0.5, 0.5]
+    assert "head saliency" not in by_name
+
+
 def test_params_and_loss_figures() -> None:
     points = [
         {"tokens": 128, "loss": 4.0, "params": 100, "target_params": 100},

@@ -33,6 +33,7 @@ def test_library_imports_no_app_stack() -> None:
     "stmt",
     [
         "import efficientllm.shape, efficientllm.budget, efficientllm.config, efficientllm.presets",
+        "import efficientllm.curves, efficientllm.groups",
         "from efficientllm.model_io import source_shape",
         "import db.repo, db.engine",
     ],
