@@ -72,15 +72,20 @@ class SaliencyConfig:
     mode: Literal["window", "ema"] = "window"
     """window: mean since the last pruning event; ema: exponential moving average."""
     beta: float = 0.9
-    """EMA decay (mode ema)."""
+    """EMA decay (mode ema): each step's scores enter with weight 1-beta, so the average looks
+    back about 1/(1-beta) steps (0.9: ~10 steps) and, unlike the window, carries history across
+    pruning events."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleConfig:
     prune_fraction: float = 0.5
-    """Share of the total training tokens over which the size goes linearly to the budget."""
+    """Share of the total training tokens over which the size goes to the budget."""
     start_fraction: float = 0.0
-    """Share of the tokens trained at full size before pruning starts (t0)."""
+    """Stabilisation share: tokens trained at full size before pruning starts (t0)."""
+    trajectory: Literal["linear", "cubic"] = "linear"
+    """Size over the pruning phase: linear in tokens (the paper's figures), or cubic (Zhu & Gupta
+    2017: P* + (P0-P*)(1-f)^3, fast early while the model is redundant, slow near the budget)."""
     prune_every: int = 2
     """Optimizer steps between pruning events."""
     compensation: Literal["none", "obs"] = "none"
@@ -100,7 +105,10 @@ class TrainConfig:
     lr: float = 3e-4
     """Peak learning rate (AdamW), pruning phase."""
     recovery_lr: float = 3e-4
-    """Peak learning rate of the recovery phase (fresh warmup + cosine)."""
+    """Peak learning rate of the recovery phase (lr_schedule rewarm)."""
+    lr_schedule: Literal["rewarm", "continuous"] = "rewarm"
+    """rewarm: warmup + cosine over the pruning phase, then a fresh warmup + cosine for recovery
+    (the paper); continuous: one warmup + cosine over the whole run (recovery_lr unused)."""
     min_lr_ratio: float = 0.1
     """Cosine floor as a fraction of the peak."""
     warmup_steps: int = 5
@@ -126,6 +134,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    weight: float = 0.0
+    """Share of the loss that is knowledge distillation from the frozen teacher (0 = off):
+    loss = (1-weight)*LM + weight*T^2*KL(teacher || student) on the logits at temperature T."""
+    temperature: float = 1.0
+    """Softmax temperature T of the distillation KL."""
+    teacher: str = ""
+    """Teacher model (hub id or folder); empty = the run's source model, frozen as loaded."""
+    phases: Literal["both", "prune", "recovery"] = "both"
+    """Steps that distill: the pruning phase, recovery, or both."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Teacher weights: auto = bf16 on GPU, fp32 on CPU (same device as the student)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     format: Literal["auto", "efficientllm", "family"] = "auto"
     """auto: the vanilla family class when the final shape allows, else the heterogeneous one."""
@@ -139,6 +166,7 @@ class RunConfig:
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     out_dir: str = "runs/run"
     """Folder for events.jsonl, checkpoints/ and export/ (re-running resumes)."""
@@ -280,6 +308,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("schedule: start_fraction + prune_fraction must be at most 1")
     _rng(p, "schedule.prune_every", s.prune_every, 1, 1e9)
     _rng(p, "saliency.beta", cfg.saliency.beta, 0, 1, hi_open=True)
+    _rng(p, "distill.weight", cfg.distill.weight, 0, 1)
+    _rng(p, "distill.temperature", cfg.distill.temperature, 0, 100, lo_open=True)
     _rng(p, "budget.hidden_multiple", b.hidden_multiple, 1, 4096)
     _rng(p, "budget.ffn_multiple", b.ffn_multiple, 1, 4096)
     _rng(p, "budget.tolerance", b.tolerance, 0, 0.5)

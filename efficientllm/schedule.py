@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
+
+Trajectory = Literal["linear", "cubic"]
 
 
 def target_params(
-    tokens: int, *, source: int, budget: int, start_tokens: int, prune_tokens: int
+    tokens: int,
+    *,
+    source: int,
+    budget: int,
+    start_tokens: int,
+    prune_tokens: int,
+    trajectory: Trajectory = "linear",
 ) -> int:
-    """P(t) = P0 - (P0 - P*) * min(1, (t - t0) / T_prune), clamped at t < t0 (method.md)."""
+    """Target size after ``tokens``, with f = min(1, (t - t0) / T_prune) clamped at t < t0:
+    linear P0 - (P0 - P*)·f (method.md), cubic P* + (P0 - P*)·(1 - f)^3 (Zhu & Gupta 2017)."""
     if prune_tokens <= 0:
         return budget
     frac = min(1.0, max(0.0, (tokens - start_tokens) / prune_tokens))
+    if trajectory == "cubic":
+        return int(round(budget + (source - budget) * (1.0 - frac) ** 3))
+    if trajectory != "linear":
+        raise ValueError(f"unknown trajectory {trajectory!r}")
     return int(round(source - (source - budget) * frac))
 
 
@@ -36,6 +50,7 @@ class Plan:
     prune_start_step: int
     prune_end_step: int
     """First step of recovery: the model is at the budget from here on."""
+    trajectory: Trajectory = "linear"
 
     @classmethod
     def make(
@@ -46,6 +61,7 @@ class Plan:
         start_fraction: float,
         prune_fraction: float,
         prune: bool = True,
+        trajectory: Trajectory = "linear",
     ) -> Plan:
         """``prune=False``: no pruning phase; every step trains the fixed shape (recovery)."""
         total = max(1, total_tokens // tokens_per_step)
@@ -63,6 +79,7 @@ class Plan:
             total_steps=total,
             prune_start_step=start,
             prune_end_step=min(end, total),
+            trajectory=trajectory,
         )
 
     def phase(self, step: int) -> str:
@@ -76,4 +93,5 @@ class Plan:
             budget=budget,
             start_tokens=self.prune_start_step * self.tokens_per_step,
             prune_tokens=(self.prune_end_step - self.prune_start_step) * self.tokens_per_step,
+            trajectory=self.trajectory,
         )

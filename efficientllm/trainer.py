@@ -25,6 +25,7 @@ import torch
 from efficientllm import checkpoint as ckpt
 from efficientllm.budget import check_budget, parse_budget
 from efficientllm.config import RunConfig
+from efficientllm.curves import SaliencyKind
 from efficientllm.decide import decide
 from efficientllm.errors import ConfigError, NonFiniteLossError
 from efficientllm.events import (
@@ -59,6 +60,8 @@ class RunResult:
     export_path: Path | None
     losses: dict[int, float]
     """Per-step training loss of this process (step number -> loss)."""
+    teacher_flops: int = 0
+    """Forward FLOPs of the distillation teacher over the whole run (0 without one)."""
 
 
 def _device(cfg: RunConfig) -> torch.device:
@@ -67,15 +70,15 @@ def _device(cfg: RunConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def mean_normalised_saliency(scores, shape: ModelShape) -> dict[str, float]:
-    """Mean saliency per parameter of each group kind (the paper's trajectory plot)."""
-    out: dict[str, float] = {}
-    hd, d = shape.head_dim, shape.hidden_size
-    per_qhead = 2 * hd * d
-    out["hidden"] = float(scores.hidden.mean()) / unit_cost(shape, "hidden")
-    out["ffn"] = float(torch.cat(scores.ffn).mean()) / unit_cost(shape, "ffn", 0)
-    out["head"] = float(torch.cat(scores.q_head).mean()) / per_qhead
-    return out
+def mean_normalised_saliency(scores, shape: ModelShape) -> dict[SaliencyKind, float]:
+    """Mean saliency per parameter of each group kind (the paper's trajectory plot); the keys
+    are ``SALIENCY_KINDS``, which the Monitor plots."""
+    per_qhead = 2 * shape.head_dim * shape.hidden_size
+    return {
+        "qhead": float(torch.cat(scores.q_head).mean()) / per_qhead,
+        "ffn": float(torch.cat(scores.ffn).mean()) / unit_cost(shape, "ffn", 0),
+        "hidden": float(scores.hidden.mean()) / unit_cost(shape, "hidden"),
+    }
 
 
 def _compensated_kinds(kinds) -> tuple[str, ...]:
@@ -192,10 +195,15 @@ class Trainer:
             start_fraction=cfg.schedule.start_fraction,
             prune_fraction=cfg.schedule.prune_fraction,
             prune=not cfg.budget.no_pruning,
+            trajectory=cfg.schedule.trajectory,
         )
         ckpt.clean_partial(self.ckpt_dir)
         state = ckpt.load_latest(self.ckpt_dir)
         model = self._load(state).to(device)
+        model.train()  # loaders return eval mode; evaluation switches back itself
+        from efficientllm.distill import load_teacher
+
+        self.teacher = load_teacher(cfg.distill, cfg.model.source, device)
         params = [p for _, p in ckpt.unique_named_parameters(model)]
         opt = torch.optim.AdamW(
             params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay
@@ -246,19 +254,32 @@ class Trainer:
                         reason="stop requested",
                     )
                 )
-                return RunResult("stopped", self.step, shape.num_params(), None, losses)
+                return RunResult(
+                    "stopped",
+                    self.step,
+                    shape.num_params(),
+                    None,
+                    losses,
+                    self._teacher_flops(plan),
+                )
             step = self.step
             phase = plan.phase(step)
             for g in opt.param_groups:
                 g["lr"] = self._lr(step, plan)
-            loss_sum = 0.0
+            loss_sum = lm_sum = 0.0
+            teach = self.teacher if self.teacher and self.teacher.active(phase) else None
             for _ in range(t.grad_accum):
                 batch = next(sampler).to(device)
                 with accel.autocast():
-                    loss = model(batch, labels=batch).loss / t.grad_accum
+                    out = model(batch, labels=batch)
+                    loss = out.loss
+                    lm_sum += loss.item() / t.grad_accum
+                    if teach is not None:  # the step minimises the mix; LM loss is reported
+                        loss = teach.loss(loss, out.logits, batch)
+                    loss = loss / t.grad_accum
                 accel.backward(loss)
                 loss_sum += loss.item()
-            del loss  # no graph may outlive the step: pruning changes parameter shapes
+            del loss, out  # no graph may outlive the step: pruning changes parameter shapes
             if not math.isfinite(loss_sum):
                 raise NonFiniteLossError(
                     f"loss became {loss_sum} at step {step}; lower train.lr or check the data"
@@ -281,7 +302,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             self.step = step = step + 1
             tokens = step * plan.tokens_per_step
-            losses[step] = loss_sum
+            losses[step] = lm_sum
             target = plan.target(step, source=source.num_params(), budget=budget)
             if pruning and (step % cfg.schedule.prune_every == 0 or step == plan.prune_end_step):
                 shape = self._prune(model, opt, acc, shape, target, step, tokens)
@@ -292,7 +313,7 @@ class Trainer:
                     step=step,
                     tokens=tokens,
                     phase=phase,
-                    loss=loss_sum,
+                    loss=lm_sum,
                     lr=opt.param_groups[0]["lr"],
                     params=shape.num_params(),
                     target_params=max(target, budget),
@@ -300,7 +321,6 @@ class Trainer:
                     grad_norm=gnorm,
                 )
             )
-            last = now
             if step == plan.prune_end_step:
                 self._evaluate(model, data.heldout, tokenizer, plan, "after_pruning")
                 if step < plan.total_steps:
@@ -309,7 +329,7 @@ class Trainer:
                 self._evaluate(model, data.heldout, tokenizer, plan, "step")
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < plan.total_steps:
                 self._checkpoint(model, opt, acc, sampler, gen, plan, shape)
-                last = time.perf_counter()
+            last = time.perf_counter()  # tokens/s (and so the ETA) count training time only
         if plan.prune_end_step < plan.total_steps and t.eval_tokens:
             self._evaluate(model, data.heldout, tokenizer, plan, "final")
         path = self._export(model, tokenizer, plan, data.split)
@@ -327,11 +347,28 @@ class Trainer:
                 shape=shape.to_dict(),
             )
         )
-        return RunResult("finished", self.step, shape.num_params(), path, losses)
+        return RunResult(
+            "finished", self.step, shape.num_params(), path, losses, self._teacher_flops(plan)
+        )
 
     # ---- pieces ---------------------------------------------------------------------------
+    def _teacher_flops(self, plan: Plan) -> int:
+        """Teacher forward FLOPs of every step so far (also across a resume)."""
+        if self.teacher is None:
+            return 0
+        steps = sum(self.teacher.active(plan.phase(s)) for s in range(self.step))
+        return 2 * self.teacher.params * steps * plan.tokens_per_step
+
     def _lr(self, step: int, plan: Plan) -> float:
         t = self.cfg.train
+        if t.lr_schedule == "continuous":
+            return cosine_lr(
+                step,
+                total=plan.total_steps,
+                peak=t.lr,
+                warmup=t.warmup_steps,
+                min_ratio=t.min_lr_ratio,
+            )
         if step < plan.prune_end_step:
             return cosine_lr(
                 step,

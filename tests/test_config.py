@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -93,3 +94,119 @@ def test_budget_none_means_no_pruning_plan() -> None:
     assert (plan.total_steps, plan.prune_start_step, plan.prune_end_step) == (10, 0, 0)
     assert {plan.phase(s) for s in range(10)} == {"recovery"}
     assert plan.target(3, source=500, budget=500) == 500
+
+
+def test_cubic_and_linear_trajectories() -> None:
+    kw = dict(source=1000, budget=200, start_tokens=20, prune_tokens=100)
+    lin = {t: target_params(t, **kw, trajectory="linear") for t in (0, 20, 30, 70, 90, 120, 500)}
+    cub = {t: target_params(t, **kw, trajectory="cubic") for t in (0, 20, 30, 70, 90, 120, 500)}
+    assert lin == {0: 1000, 20: 1000, 30: 920, 70: 600, 90: 440, 120: 200, 500: 200}
+    # P* + (P0 - P*)(1 - f)^3: f = 0.1 -> 200 + 800*0.729, f = 0.5 -> 300, f = 0.7 -> 221.6
+    assert cub == {0: 1000, 20: 1000, 30: 783, 70: 300, 90: 222, 120: 200, 500: 200}
+    assert target_params(30, source=1000, budget=200, start_tokens=20, prune_tokens=100) == 920
+    with pytest.raises(ValueError, match="trajectory"):
+        target_params(30, **kw, trajectory="exp")  # type: ignore[arg-type]
+    plan = Plan.make(
+        total_tokens=1000,
+        tokens_per_step=10,
+        start_fraction=0.1,
+        prune_fraction=0.5,
+        trajectory="cubic",
+    )
+    assert plan.target(10, source=1000, budget=200) == 1000
+    assert plan.target(35, source=1000, budget=200) == 300  # half way: 200 + 800/8
+    assert plan.target(60, source=1000, budget=200) == 200  # the budget at prune_end_step
+    assert plan.target(99, source=1000, budget=200) == 200
+    cubic = [plan.target(s, source=1000, budget=200) for s in range(101)]
+    assert cubic == sorted(cubic, reverse=True)
+    assert (
+        Plan.make(
+            total_tokens=1000, tokens_per_step=10, start_fraction=0.1, prune_fraction=0.5
+        ).target(35, source=1000, budget=200)
+        == 600
+    )
+
+
+def _lrs(schedule: str) -> tuple[list[float], Plan]:
+    from efficientllm.trainer import Trainer
+
+    over = {
+        "model": {"source": "x/y"},
+        "data": {"train": ["a.txt"], "block_len": 32},
+        "train": {
+            "total_tokens": 32 * 4 * 40,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "recovery_lr": 5e-4,
+            "warmup_steps": 2,
+            "min_lr_ratio": 0.1,
+            "lr_schedule": schedule,
+        },
+        "schedule": {"prune_fraction": 0.5, "start_fraction": 0.0},
+    }
+    cfg = build_config(preset="tiny-debug", overrides=over)
+    plan = Plan.make(
+        total_tokens=32 * 4 * 40, tokens_per_step=128, start_fraction=0, prune_fraction=0.5
+    )
+    assert (plan.total_steps, plan.prune_end_step) == (40, 20)
+    tr = Trainer(cfg)
+    return [tr._lr(s, plan) for s in range(plan.total_steps)], plan
+
+
+def test_continuous_lr_is_one_warmup_cosine_over_the_run() -> None:
+    lrs, plan = _lrs("continuous")
+    peak, floor = 1e-3, 1e-4
+    assert lrs[:2] == pytest.approx([peak / 2, peak])
+    for s in range(2, 40):  # one cosine over all 40 steps; recovery_lr is unused
+        ref = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (s - 2) / 38))
+        assert lrs[s] == pytest.approx(ref, rel=1e-12), s
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))  # no re-warmup at 20
+    assert lrs[plan.prune_end_step] == pytest.approx(
+        floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * 18 / 38))
+    )
+
+
+def test_rewarm_lr_warms_up_again_for_recovery() -> None:
+    lrs, plan = _lrs("rewarm")
+    peak, floor, rpeak = 1e-3, 1e-4, 5e-4
+    assert lrs[:2] == pytest.approx([peak / 2, peak])
+    for s in range(2, 20):  # the pruning phase: cosine over its 20 steps
+        ref = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (s - 2) / 18))
+        assert lrs[s] == pytest.approx(ref, rel=1e-12), s
+    end = plan.prune_end_step
+    assert lrs[end : end + 2] == pytest.approx([rpeak / 2, rpeak])  # fresh warmup
+    assert lrs[end + 1] > lrs[end - 1]
+    rfloor = rpeak * 0.1
+    for s in range(end + 2, 40):
+        ref = rfloor + (rpeak - rfloor) * 0.5 * (1 + math.cos(math.pi * (s - end - 2) / 18))
+        assert lrs[s] == pytest.approx(ref, rel=1e-12), s
+
+
+@pytest.mark.parametrize(
+    "section,values,needle",
+    [
+        ("distill", {"weight": 1.5}, "distill.weight"),
+        ("distill", {"weight": -0.1}, "distill.weight"),
+        ("distill", {"temperature": 0}, "distill.temperature"),
+        ("distill", {"temperature": -1.0}, "distill.temperature"),
+        ("distill", {"phases": "always"}, "distill.phases"),
+        ("train", {"lr_schedule": "step"}, "train.lr_schedule"),
+        ("schedule", {"trajectory": "exp"}, "schedule.trajectory"),
+    ],
+)
+def test_new_levers_are_validated(section, values, needle) -> None:
+    d = {"model": {"source": "x/y"}, "data": {"train": ["a.txt"]}, section: values}
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(d)
+    assert needle in str(err.value) and len(err.value.problems) == 1
+
+
+def test_distill_defaults_and_valid_edges() -> None:
+    base = {"model": {"source": "x/y"}, "data": {"train": ["a.txt"]}}
+    cfg = RunConfig.from_dict(base)
+    assert not cfg.distill.enabled and cfg.distill.weight == 0
+    assert cfg.train.lr_schedule == "rewarm" and cfg.schedule.trajectory == "linear"
+    for w in (0.0, 0.3, 1.0):
+        assert RunConfig.from_dict({**base, "distill": {"weight": w}}).distill.weight == w
+    cfg = RunConfig.from_dict({**base, "distill": {"weight": 0.5, "temperature": 2.0}})
+    assert cfg.distill.enabled and RunConfig.from_dict(cfg.to_dict()) == cfg

@@ -250,3 +250,153 @@ def test_budget_none_trains_the_source_shape_without_pruning(assets, tmp_path) -
     assert labels.count("step") >= 2
     model = load_exported(result.export_path)
     assert sum(p.numel() for p in model.parameters()) == started.source_params
+
+
+# ---- training mode, throughput, distillation -------------------------------------------------
+
+
+@pytest.fixture
+def grad_forwards():
+    """``model.training`` at every forward of an EfficientLLM model that builds a graph: the
+    student's training steps (evaluation and the teacher run under no_grad)."""
+    from efficientllm.modeling import EfficientLLMForCausalLM
+
+    seen: list[bool] = []
+
+    def hook(module, args):
+        if isinstance(module, EfficientLLMForCausalLM) and torch.is_grad_enabled():
+            seen.append(module.training)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_trains_in_training_mode_without_evaluation(assets, tmp_path, grad_forwards) -> None:
+    """With eval_tokens 0 no evaluation ever switches the (eval-mode) loaded model to train()."""
+    cfg = _cfg(assets, tmp_path / "run", train={"eval_tokens": 0, "total_tokens": 32 * 4 * 8})
+    res = Trainer(cfg, sink=ListSink()).run()
+    assert res.status == "finished" and res.step == 8
+    assert len(grad_forwards) == 8  # one forward per step (grad_accum 1)
+    assert all(grad_forwards), grad_forwards
+
+
+def test_trains_in_training_mode_after_resume(assets, tmp_path, grad_forwards) -> None:
+    """A resumed run (no 'start' evaluation) trains in training mode from its first step."""
+    cfg = _cfg(assets, tmp_path / "run", train={"total_tokens": 32 * 4 * 12, "eval_tokens": 64})
+    calls = {"n": 0}
+
+    def stop_after_3() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    assert Trainer(cfg, sink=ListSink(), should_stop=stop_after_3).run().status == "stopped"
+    grad_forwards.clear()
+    sink = ListSink()
+    res = Trainer(cfg, sink=sink).run()
+    assert sink.of(RunStarted)[0].resumed_from == 3 and res.status == "finished"
+    assert len(grad_forwards) == res.step - 3
+    assert all(grad_forwards), grad_forwards.index(False)
+
+
+def test_tokens_per_s_excludes_evaluation_and_checkpoint_time(assets, tmp_path, monkeypatch):
+    """Evaluation and checkpointing made (virtually) 1000 s slow leave tokens/s untouched."""
+    import efficientllm.checkpoint as ckpt_mod
+    import efficientllm.evaluate as evaluate_mod
+    import efficientllm.trainer as trainer_mod
+
+    class Clock:  # time.perf_counter plus the virtual time spent in evaluation/checkpoints
+        offset = 0.0
+
+        def perf_counter(self) -> float:
+            return time.perf_counter() + self.offset
+
+    clock = Clock()
+
+    def slow(fn):
+        def wrapped(*a, **kw):
+            clock.offset += 1000.0
+            return fn(*a, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(trainer_mod, "time", clock)
+    monkeypatch.setattr(evaluate_mod, "perplexity", slow(evaluate_mod.perplexity))
+    monkeypatch.setattr(ckpt_mod, "save", slow(ckpt_mod.save))
+    over = {"total_tokens": 32 * 4 * 16, "eval_every": 3, "checkpoint_every": 5, "eval_tokens": 64}
+    cfg = _cfg(assets, tmp_path / "run", train=over)
+    sink = ListSink()
+    Trainer(cfg, sink=sink).run()
+    assert len(sink.of(Evaluated)) == 8 and len(sink.of(CheckpointSaved)) == 3  # 3,6,..,15; 8
+    assert clock.offset == 11_000
+    steps = sink.of(StepMetrics)
+    slowest = min(steps, key=lambda s: s.tokens_per_s)
+    # 128 tokens a step: a step that counted one slow evaluation would show < 0.13 tokens/s
+    assert slowest.tokens_per_s > 128 / 100, slowest
+
+
+def _distill_run(assets, out: Path, phases: str, **train):
+    over = {"total_tokens": 32 * 4 * 12, "eval_tokens": 0, **train}
+    cfg = _cfg(
+        assets, out, train=over, distill={"weight": 0.5, "temperature": 2.0, "phases": phases}
+    )
+    sink = ListSink()
+    tr = Trainer(cfg, sink=sink)
+    return tr, tr.run(), sink
+
+
+def test_distillation_from_the_source_counts_teacher_flops(assets, tmp_path) -> None:
+    from efficientllm.model_io import load_model
+
+    both, res, sink = _distill_run(assets, tmp_path / "both", "both")
+    started = sink.of(RunStarted)[0]
+    tokens_per_step, total, end = 4 * 32, started.total_steps, started.prune_end_step
+    assert (total, end) == (12, 6)
+    assert res.status == "finished" and started.budget * 0.99 <= res.params <= started.budget
+    assert all(torch.isfinite(torch.tensor(s.loss)) for s in sink.of(StepMetrics))
+    n = both.teacher.params
+    assert n == started.source_params  # the teacher is the unpruned source
+    assert both.teacher.tokens == total * tokens_per_step  # it ran on every step's batch
+    assert res.teacher_flops == 2 * n * total * tokens_per_step == both.teacher.flops
+    # ... frozen: its weights are still the source's after the student was trained and pruned
+    src = load_model(assets[0]).state_dict()
+    assert all(torch.equal(v, src[k]) for k, v in both.teacher.model.state_dict().items())
+
+    prune, res_p, sink_p = _distill_run(assets, tmp_path / "prune", "prune")
+    assert res_p.status == "finished"
+    assert prune.teacher.tokens == end * tokens_per_step  # the pruning phase only
+    assert res_p.teacher_flops == 2 * n * end * tokens_per_step
+    # the same training while both distil, different once only "both" still does
+    lb, lp = res.losses, res_p.losses
+    assert [lp[s] for s in range(1, end + 1)] == pytest.approx([lb[s] for s in range(1, end + 1)])
+    assert max(abs(lp[s] - lb[s]) for s in range(end + 2, total + 1)) > 1e-4
+
+    plain = Trainer(
+        _cfg(assets, tmp_path / "plain", train={"total_tokens": 32 * 4 * 12, "eval_tokens": 0})
+    )
+    res_0 = plain.run()
+    assert plain.teacher is None and res_0.teacher_flops == 0
+    assert res_0.losses[1] == pytest.approx(lb[1])  # the reported loss is the LM loss
+    assert max(abs(res_0.losses[s] - lb[s]) for s in range(2, total + 1)) > 1e-4
+
+
+def test_stopped_distillation_run_reports_teacher_flops_so_far(assets, tmp_path) -> None:
+    calls = {"n": 0}
+
+    def stop_after_4() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    over = {"total_tokens": 32 * 4 * 12, "eval_tokens": 0}
+    cfg = _cfg(assets, tmp_path / "run", train=over, distill={"weight": 0.3})
+    tr = Trainer(cfg, sink=ListSink(), should_stop=stop_after_4)
+    res = tr.run()
+    n, tokens_per_step = tr.teacher.params, 4 * 32
+    assert res.status == "stopped" and res.step == 4
+    assert res.teacher_flops == 2 * n * 4 * tokens_per_step == tr.teacher.flops
+    tr2 = Trainer(cfg, sink=ListSink())
+    res2 = tr2.run()  # resumes at step 4
+    assert res2.status == "finished" and tr2.teacher.tokens == 8 * tokens_per_step
+    assert res2.teacher_flops == 2 * n * 12 * tokens_per_step  # the whole run, across the resume
