@@ -9,15 +9,16 @@ an ``EfficientLLMError`` whose message the UI shows as is.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from efficientllm.budget import Plan, parse_budget, plan
-from efficientllm.config import RunConfig
+from efficientllm.config import RunConfig, field_docs
 from efficientllm.errors import ConfigError, DataError, ModelNotFoundError
 from efficientllm.presets import DEMO_MODEL, merge, preset_dict, preset_names
 
@@ -38,6 +39,20 @@ GRANULARITIES = ["global", "uniform"]
 SCORERS = ["taylor1", "taylor_mix", "magnitude", "random"]
 _UPLOAD_NAME = re.compile(r"^[0-9a-f]{12}-[A-Za-z0-9._-]{1,100}$")
 
+ADVANCED: dict[str, tuple[str, str]] = {
+    "start_fraction": ("schedule", "start_fraction"),
+    "trajectory": ("schedule", "trajectory"),
+    "lr_schedule": ("train", "lr_schedule"),
+    "saliency_mode": ("saliency", "mode"),
+    "saliency_beta": ("saliency", "beta"),
+    "distill_weight": ("distill", "weight"),
+    "distill_temperature": ("distill", "temperature"),
+    "distill_phases": ("distill", "phases"),
+    "distill_teacher": ("distill", "teacher"),
+}
+"""Advanced widgets that hold their config field's value as is (numbers parsed, text stripped);
+their defaults, choices and help texts come from the config dataclasses."""
+
 FIELDS: dict[str, tuple[str, str]] = {
     "model": ("model", "source"),
     "budget": ("budget", "target"),
@@ -46,8 +61,29 @@ FIELDS: dict[str, tuple[str, str]] = {
     "prune_fraction": ("schedule", "prune_fraction"),
     "granularity": ("budget", "granularity"),
     "scorer": ("saliency", "scorer"),
+    **ADVANCED,
 }
 """Widget name -> (config section, field). ``preset`` is the base the widgets apply to."""
+
+
+def _section_class(section: str) -> type:
+    return type(getattr(RunConfig(), section))
+
+
+def config_default(section: str, key: str) -> Any:
+    """The dataclass default of config field ``section.key``."""
+    return getattr(getattr(RunConfig(), section), key)
+
+
+def config_choices(section: str, key: str) -> list[str]:
+    """The choices of a ``Literal`` config field (empty for other types)."""
+    return list(get_args(get_type_hints(_section_class(section))[key]))
+
+
+@functools.cache
+def config_help(section: str, key: str) -> str:
+    """The docstring of config field ``section.key`` on one line (the widget's info text)."""
+    return " ".join(field_docs(_section_class(section))[key].split())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +98,15 @@ class FormValues:
     prune_fraction: float = 0.5
     granularity: str = "global"
     scorer: str = "taylor1"
+    start_fraction: float = config_default("schedule", "start_fraction")
+    trajectory: str = config_default("schedule", "trajectory")
+    lr_schedule: str = config_default("train", "lr_schedule")
+    saliency_mode: str = config_default("saliency", "mode")
+    saliency_beta: float = config_default("saliency", "beta")
+    distill_weight: float = config_default("distill", "weight")
+    distill_temperature: float = config_default("distill", "temperature")
+    distill_phases: str = config_default("distill", "phases")
+    distill_teacher: str = config_default("distill", "teacher")
 
     def as_list(self) -> list[Any]:
         """Values in widget order (the order of the dataclass fields)."""
@@ -131,6 +176,7 @@ def form_to_config(values: FormValues, *, owner: str, data_root: Path) -> dict[s
         train, heldout = [], []
     tokens = _number(values.total_tokens, "train.total_tokens", problems, integer=True)
     fraction = _number(values.prune_fraction, "schedule.prune_fraction", problems)
+    advanced = _advanced_overrides(values, problems)
     if problems:
         raise ConfigError(problems)
     overrides = {
@@ -141,7 +187,20 @@ def form_to_config(values: FormValues, *, owner: str, data_root: Path) -> dict[s
         "schedule": {"prune_fraction": fraction},
         "saliency": {"scorer": values.scorer},
     }
-    return RunConfig.from_dict(merge(base, overrides)).to_dict()
+    return RunConfig.from_dict(merge(base, merge(overrides, advanced))).to_dict()
+
+
+def _advanced_overrides(values: FormValues, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """The config sections the :data:`ADVANCED` widgets set (numbers parsed, text stripped)."""
+    out: dict[str, dict[str, Any]] = {}
+    for widget, (section, key) in ADVANCED.items():
+        value, hint = getattr(values, widget), get_type_hints(_section_class(section))[key]
+        if hint in (int, float):
+            value = _number(value, f"{section}.{key}", problems, integer=hint is int)
+        elif isinstance(value, str):
+            value = value.strip()
+        out.setdefault(section, {})[key] = value
+    return out
 
 
 def _number(value: Any, where: str, problems: list[str], *, integer: bool = False) -> Any:
@@ -173,6 +232,7 @@ def config_to_form(
         prune_fraction=cfg.schedule.prune_fraction,
         granularity=cfg.budget.granularity,
         scorer=cfg.saliency.scorer,
+        **{w: getattr(getattr(cfg, sec), key) for w, (sec, key) in ADVANCED.items()},
     )
 
 
@@ -195,6 +255,10 @@ def preset_form(preset: str, current: FormValues) -> FormValues:
         prune_fraction=d.get("schedule", {}).get("prune_fraction", 0.5),
         granularity=budget.get("granularity", RunConfig().budget.granularity),
         scorer=d.get("saliency", {}).get("scorer", "taylor1"),
+        **{
+            w: d.get(sec, {}).get(key, config_default(sec, key))
+            for w, (sec, key) in ADVANCED.items()
+        },
     )
 
 

@@ -24,6 +24,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 GENERIC = "Something went wrong on the server; the details are in the server log."
 JOB_COLUMNS = ["name", "id", "status", "phase", "progress", "params / budget", "ETA", "owner"]
+ADVANCED_LABELS = {
+    "start_fraction": "Stabilisation share (tokens before pruning)",
+    "trajectory": "Size trajectory",
+    "lr_schedule": "Learning-rate schedule",
+    "saliency_mode": "Saliency averaging",
+    "saliency_beta": "Saliency EMA beta",
+    "distill_weight": "Distillation weight (0 = off)",
+    "distill_temperature": "Distillation temperature",
+    "distill_phases": "Distill during",
+    "distill_teacher": "Teacher model (empty = the source)",
+}
+"""Labels of the :data:`forms.ADVANCED` widgets (each also shows its config field's name)."""
 
 
 def guarded(n_outputs: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -44,6 +56,47 @@ def guarded(n_outputs: int) -> Callable[[Callable[..., Any]], Callable[..., Any]
         return inner
 
     return wrap
+
+
+def markdown_literal(text: str) -> str:
+    """``text`` for a widget's info line, which Gradio renders as Markdown without honouring
+    backslash escapes: ``*`` in formulas becomes the look-alike U+2217, not italics."""
+    return text.replace("*", "\N{ASTERISK OPERATOR}")
+
+
+def _field_kw(widget: str, defaults: forms.FormValues) -> dict[str, Any]:
+    """Value, label, info (the config field's docstring) and elem_id of an Advanced widget."""
+    section, key = forms.ADVANCED[widget]
+    return {
+        "value": getattr(defaults, widget),
+        "label": f"{ADVANCED_LABELS[widget]} · {section}.{key}",
+        "info": markdown_literal(forms.config_help(section, key)),
+        "elem_id": widget.replace("_", "-"),
+    }
+
+
+def advanced_widgets(defaults: forms.FormValues) -> dict[str, Any]:
+    """The :data:`forms.ADVANCED` widgets, in rows inside the current block, by widget name."""
+    kw = functools.partial(_field_kw, defaults=defaults)
+
+    def choice(widget: str) -> gr.Radio:
+        return gr.Radio(forms.config_choices(*forms.ADVANCED[widget]), **kw(widget))
+
+    w: dict[str, Any] = {}
+    with gr.Row():
+        w["start_fraction"] = gr.Slider(0.0, 0.95, step=0.05, **kw("start_fraction"))
+        w["trajectory"] = choice("trajectory")
+        w["lr_schedule"] = choice("lr_schedule")
+    with gr.Row():
+        w["saliency_mode"] = choice("saliency_mode")
+        w["saliency_beta"] = gr.Number(**kw("saliency_beta"))
+    with gr.Row():
+        w["distill_weight"] = gr.Slider(0.0, 1.0, step=0.05, **kw("distill_weight"))
+        w["distill_temperature"] = gr.Number(**kw("distill_temperature"))
+    with gr.Row():
+        w["distill_phases"] = choice("distill_phases")
+        w["distill_teacher"] = gr.Textbox(**kw("distill_teacher"))
+    return w
 
 
 def build(ctx: AppContext) -> gr.Blocks:
@@ -93,6 +146,7 @@ def build(ctx: AppContext) -> gr.Blocks:
                         forms.GRANULARITIES, value=defaults.granularity, label="Granularity"
                     )
                     scorer = gr.Dropdown(forms.SCORERS, value=defaults.scorer, label="Saliency")
+                    advanced = advanced_widgets(defaults)
                 name = gr.Textbox("", label="Job name", elem_id="job-name")
                 with gr.Row():
                     predict_btn = gr.Button("Predict architecture", elem_id="predict")
@@ -131,7 +185,10 @@ def build(ctx: AppContext) -> gr.Blocks:
                 play_job = playground.build(ctx)
         monitor_timer, jobs_timer = gr.Timer(1.0), gr.Timer(3.0)
 
-        form = [preset, model, budget, dataset, tokens, fraction, granularity, scorer]
+        widgets = {"preset": preset, "model": model, "budget": budget, "dataset": dataset,
+                   "total_tokens": tokens, "prune_fraction": fraction,
+                   "granularity": granularity, "scorer": scorer, **advanced}  # fmt: skip
+        form = [widgets[w] for w in forms.FIELD_ORDER]
         monitor_out = [
             status,
             arch,
@@ -193,8 +250,8 @@ def build(ctx: AppContext) -> gr.Blocks:
             return f"Uploaded as `{ds}`.", gr.Dropdown(choices=[forms.DEMO_DATA, ds], value=ds)
 
         @guarded(2)
-        def on_predict(pr, mo, bu, ds, tk, fr, gr_, sc, request: gr.Request) -> tuple[str, Any]:
-            p = forms.predict(config_of(values_of(pr, mo, bu, ds, tk, fr, gr_, sc), request))
+        def on_predict(request: gr.Request, *values: Any) -> tuple[str, Any]:
+            p = forms.predict(config_of(values_of(*values), request))
             msg = (
                 f"**Predicted:** {p.num_params:,} parameters ({plots.params_text(p.num_params)}) "
                 f"for a budget of {p.budget:,}; source {p.source.num_params():,}. "
@@ -205,10 +262,8 @@ def build(ctx: AppContext) -> gr.Blocks:
             )
 
         @guarded(5)
-        def on_launch(
-            job_name: str, pr, mo, bu, ds, tk, fr, gr_, sc, request: gr.Request
-        ) -> tuple[Any, ...]:
-            config = config_of(values_of(pr, mo, bu, ds, tk, fr, gr_, sc), request)
+        def on_launch(request: gr.Request, job_name: str, *values: Any) -> tuple[Any, ...]:
+            config = config_of(values_of(*values), request)
             p = forms.predict(config)  # unknown model, budget above the source: nothing queued
             from worker.submit import submit_job
 

@@ -12,6 +12,7 @@ pytest.importorskip("gradio")
 
 from app import forms  # noqa: E402
 from app.views import GENERIC, guarded  # noqa: E402
+from efficientllm.config import RunConfig, field_docs  # noqa: E402
 from efficientllm.errors import (  # noqa: E402
     BudgetInfeasibleError,
     ConfigError,
@@ -28,6 +29,14 @@ def tiny_source(tmp_path: Path) -> Path:
     return save_tiny_source(tmp_path / "src")
 
 
+ADVANCED_VALUES = {
+    "start_fraction": 0.1, "trajectory": "cubic", "lr_schedule": "continuous",
+    "saliency_mode": "ema", "saliency_beta": 0.95, "distill_weight": 0.5,
+    "distill_temperature": 2.0, "distill_phases": "recovery", "distill_teacher": "org/teacher",
+}  # fmt: skip
+"""A non-default value for every Advanced widget."""
+
+
 def values(**kw: object) -> forms.FormValues:
     base = {"preset": "tiny-debug", "model": "demo", "budget": "60%", "dataset": "demo:austen"}
     return forms.FormValues(**{**base, **kw})  # type: ignore[arg-type]
@@ -35,13 +44,14 @@ def values(**kw: object) -> forms.FormValues:
 
 def test_widgets_map_one_to_one_to_config_fields(tmp_path: Path) -> None:
     fv = values(budget="67M", total_tokens=4096, prune_fraction=0.4, granularity="uniform",
-                scorer="magnitude", dataset="hub:HuggingFaceFW/fineweb-edu")  # fmt: skip
+                scorer="magnitude", dataset="hub:HuggingFaceFW/fineweb-edu",
+                **ADVANCED_VALUES)  # fmt: skip
     cfg = forms.form_to_config(fv, owner="alice", data_root=tmp_path)
     got = {w: cfg[sec][key] for w, (sec, key) in forms.FIELDS.items()}
     assert got == {
         "model": "demo", "budget": "67M", "dataset": ["hub:HuggingFaceFW/fineweb-edu"],
         "total_tokens": 4096, "prune_fraction": 0.4, "granularity": "uniform",
-        "scorer": "magnitude",
+        "scorer": "magnitude", **ADVANCED_VALUES,
     }  # fmt: skip
     assert cfg["train"]["batch_size"] == 4  # the rest comes from the preset
     back = forms.config_to_form(cfg, preset="tiny-debug", owner="alice", data_root=tmp_path)
@@ -73,6 +83,11 @@ def test_upload_round_trip_stays_below_the_data_dir(tmp_path: Path) -> None:
         ({"preset": "nope"}, "preset 'nope' is unknown"),
         ({"model": " "}, "model.source"),
         ({"prune_fraction": 0}, "schedule.prune_fraction"),
+        ({"distill_weight": 2}, "distill.weight: 2.0 is outside [0, 1]"),
+        ({"distill_temperature": None}, "distill.temperature: None is not a number"),
+        ({"saliency_beta": "high"}, "saliency.beta: 'high' is not a number"),
+        ({"trajectory": "quadratic"}, "schedule.trajectory: 'quadratic' is not a valid choice"),
+        ({"start_fraction": 0.6}, "start_fraction + prune_fraction must be at most 1"),
     ],
 )
 def test_invalid_values_give_messages(tmp_path: Path, kw: dict, message: str) -> None:
@@ -122,6 +137,38 @@ def test_preset_fills_the_widgets() -> None:
         65536,
     )
     assert forms.preset_form("tiny-debug", values(model="x/y")).model == "x/y"
+    reset = forms.preset_form("cpu-demo", values(**ADVANCED_VALUES))
+    assert all(getattr(reset, w) == getattr(forms.FormValues(), w) for w in forms.ADVANCED)
+
+
+def test_advanced_defaults_are_the_config_defaults(tmp_path: Path) -> None:
+    default, fv = RunConfig(), forms.FormValues()
+    want = {w: getattr(getattr(default, sec), key) for w, (sec, key) in forms.ADVANCED.items()}
+    assert {w: getattr(fv, w) for w in forms.ADVANCED} == want
+    assert len(set(forms.ADVANCED)) == 9 and not set(ADVANCED_VALUES) ^ set(forms.ADVANCED)
+    cfg = forms.form_to_config(values(), owner="a", data_root=tmp_path)
+    assert {w: cfg[sec][key] for w, (sec, key) in forms.ADVANCED.items()} == want
+    teacher = forms.form_to_config(values(distill_teacher=" org/t "), owner="a", data_root=tmp_path)
+    assert teacher["distill"]["teacher"] == "org/t"
+
+
+def test_advanced_widgets_show_defaults_choices_and_docs(tmp_path: Path) -> None:
+    from app.main import AppContext
+    from app.views import build
+
+    ctx = AppContext(sessions=None, data_dir=tmp_path, users=None, max_upload_bytes=1)
+    by_id = {getattr(b, "elem_id", None): b for b in build(ctx).blocks.values()}
+    fv = forms.FormValues()
+    for widget, (sec, key) in forms.ADVANCED.items():
+        box = by_id[widget.replace("_", "-")]
+        assert box.value == getattr(fv, widget), widget
+        doc = field_docs(type(getattr(RunConfig(), sec)))[key]
+        shown = box.info.replace("\N{ASTERISK OPERATOR}", "*")  # not Markdown emphasis
+        assert shown == " ".join(doc.split()) and f"{sec}.{key}" in box.label
+        if forms.config_choices(sec, key):
+            assert [c[1] for c in box.choices] == forms.config_choices(sec, key)
+    assert [c[1] for c in by_id["distill-phases"].choices] == ["both", "prune", "recovery"]
+    assert "(1-weight)\N{ASTERISK OPERATOR}LM" in by_id["distill-weight"].info
 
 
 def test_guarded_shows_messages_never_tracebacks() -> None:
