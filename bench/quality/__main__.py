@@ -1,4 +1,5 @@
-"""python -m bench.quality --scale cpu|gpu|tiny [--out DIR] [--arms abcde] [--set key=value ...]"""
+"""python -m bench.quality --scale cpu|cpu-real|gpu|tiny [--out DIR] [--arms a_best,a,b,b_kd,c,d]
+[--jobs N] [--set key=value ...]"""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.quality.arms import ARMS, final_eval, oneshot, random_like, train
+from bench.quality.arms import final_eval
+from bench.quality.runner import ArmContext, run_arms
 from bench.quality.scales import SCALES
+from bench.quality.specs import ARMS, parse_arms, scratch_parent
 
 
 def _machine(device: str) -> str:
@@ -57,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__)
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/quality-<scale>")
-    ap.add_argument("--arms", default="abcde", help="subset of abcde (c needs a)")
+    ap.add_argument(
+        "--arms",
+        default=None,
+        help=f"comma list of {', '.join(ARMS)} (or letters abcde); default: the scale's list",
+    )
+    ap.add_argument("--jobs", type=int, default=None, help="arms side by side (default: scale's)")
     ap.add_argument(
         "--keep",
         action="store_true",
@@ -84,11 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[args.scale].with_overrides(args.set)
     if args.source:
         scale = scale.with_overrides([f"source={args.source}"])
-    arms = [a for a in ARMS if a in args.arms]
+    arms = parse_arms(args.arms or scale.arms)
     out = args.out or Path("bench/results") / f"quality-{scale.name}"
     kept = _kept(out, scale) if args.keep else {"arms": {}, "commands": []}
-    if "c" in arms and "a" not in arms and "a" not in kept["arms"]:
-        raise SystemExit("error: arm c trains arm a's final architecture; include arm a")
+    parent = scratch_parent(arms, kept["arms"]) if "c" in arms else None
     work = out / "runs"
     cache = args.cache or cache_root() / "bench-quality"
     if bool(args.train) != bool(args.heldout):
@@ -127,66 +134,25 @@ def main(argv: list[str] | None = None) -> int:
 
     src_params = source_shape(source).num_params()
     budget_params = parse_budget(scale.budget, src_params)
-    common = dict(train_files=train_files, heldout_files=heldout_files, say=say)
     results: dict[str, dict] = {k: v for k, v in kept["arms"].items() if k not in arms}
     task_cache = cache / "tasks"
-
-    def finish(key: str, run: dict, extra: dict | None = None) -> None:
-        say(f"arm {key}: final evaluation (whole held-out text + lm-eval next_sentence)")
-        ev = final_eval(Path(run["export"]), heldout_docs, scale, task_cache)
-        results[key] = {"method": ARMS[key], **run, **(extra or {}), **ev}
-        # each finished arm is on disk at once: a crash later loses nothing already measured
-        (work / key / "arm.json").write_text(json.dumps(results[key], indent=2), encoding="utf-8")
-        say(
-            f"arm {key}: ppl {ev['ppl']:.2f}, acc {ev['mc']['acc']:.3f}, "
-            f"{run['params']:,} params, {run['train_tokens']:,} tokens"
-        )
-
     source_eval = kept.get("source_eval")
     if source_eval is None:
         say("source model: the same final evaluation, for reference")
         source_eval = final_eval(Path(source), heldout_docs, scale, task_cache)
-    if "a" in arms:
-        say(f"arm a: {ARMS['a']}")
-        run = train(
-            "a", source, work / "a", scale, tokens=scale.arm_tokens, budget=scale.budget, **common
-        )
-        finish("a", run)
-    if "e" in arms:
-        say(f"arm e: {ARMS['e']}")
-        run = train(
-            "e",
-            source,
-            work / "e",
-            scale,
-            tokens=scale.arm_tokens,
-            budget=scale.budget,
-            compensation="obs",
-            **common,
-        )
-        finish("e", run)
-    for key, gran in (("b", "global"), ("d", "uniform")):
-        if key not in arms:
-            continue
-        say(f"arm {key}: {ARMS[key]}")
-        shot = oneshot(
-            source, work / key / "oneshot", scale, train_files=train_files, granularity=gran
-        )
-        run = train(
-            key,
-            Path(shot["export"]),
-            work / key / "train",
-            scale,
-            tokens=scale.arm_tokens,
-            **common,
-        )
-        run["seconds"] = round(run["seconds"] + shot["seconds"], 1)
-        finish(key, run, {"oneshot": {k: v for k, v in shot.items() if k != "export"}})
-    if "c" in arms:
-        say(f"arm c: {ARMS['c']}")
-        init = random_like(Path(results["a"]["export"]), work / "c" / "init", seed=scale.seed)
-        run = train("c", init, work / "c" / "train", scale, tokens=scale.arm_tokens, **common)
-        finish("c", run)
+    ctx = ArmContext(
+        source=str(source),
+        work=work,
+        scale=scale,
+        train_files=list(train_files),
+        heldout_files=list(heldout_files),
+        task_cache=task_cache,
+        t0=time.time() - (time.perf_counter() - t0),
+    )
+    jobs = args.jobs if args.jobs is not None else scale.jobs
+    results.update(run_arms(arms, ctx, jobs=jobs, parent=parent, done=results))
+    if parent:
+        results["c"]["follows"] = parent
 
     order = {k: results[k] for k in ARMS if k in results}
     first = next(iter(order.values()))
@@ -213,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 "by": "book",
             },
             "arm_tokens": scale.arm_tokens,
+            "jobs": jobs,
             "batch_size": scale.batch_size,
             "block_len": scale.block_len,
             "lr": scale.lr,

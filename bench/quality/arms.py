@@ -1,18 +1,6 @@
-"""The four arms of the benchmark and the one evaluation they all share.
+"""What the arms run: one trainer run, one-shot pruning, a random re-init, the shared evaluation.
 
-Every arm ends at the same budget (within the pruner's 0.5% tolerance; arm c copies arm a's
-shape exactly), sees the same training batches in the same order (one seed) and the same number
-of training tokens; one-shot calibration batches are forward/backward passes without weight
-updates and are reported separately.
-
-- a  pruning-aware pretraining (the method): prune while training, then recover.
-- b  one-shot post-training pruning, global (non-uniform) widths from calibration saliency,
-     then continued pretraining.
-- c  arm a's final architecture from random initialisation.
-- e  arm a with variant B: before each removal, a local second-order (OBS) update of the layer
-     that consumes the removed channels (schedule.compensation = obs).
-- d  uniform one-shot pruning (every layer cut alike, as Torch-Pruning / Minitron export),
-     same calibration saliency inside each layer, then continued pretraining.
+The arms themselves (which of these each one calls, with which levers) are in ``specs.py``.
 """
 
 from __future__ import annotations
@@ -22,14 +10,6 @@ import time
 from pathlib import Path
 
 from bench.quality.scales import Scale
-
-ARMS = {
-    "a": "pruning-aware pretraining (variant A)",
-    "b": "one-shot pruning (global) + continued pretraining",
-    "c": "arm a's final architecture from random init",
-    "d": "uniform one-shot pruning + continued pretraining",
-    "e": "pruning-aware pretraining (variant B: OBS compensation)",
-}
 
 
 def train(
@@ -44,10 +24,11 @@ def train(
     budget: str = "none",
     lr: float | None = None,
     deterministic: bool | None = None,
-    compensation: str = "none",
+    levers: dict | None = None,
     say=print,
 ) -> dict:
-    """One trainer run (pruning when ``budget`` is a budget, plain training for ``none``)."""
+    """One trainer run (pruning when ``budget`` is a budget, plain training for ``none``);
+    ``levers`` are config-section updates on top (distillation, LR schedule, trajectory ...)."""
     from efficientllm.config import RunConfig
     from efficientllm.events import Evaluated, ListSink, Pruned, StepMetrics
     from efficientllm.trainer import Trainer
@@ -56,7 +37,7 @@ def train(
         shutil.rmtree(out)
     steps = max(1, tokens // scale.tokens_per_step)
     lr = scale.lr if lr is None else lr
-    cfg = RunConfig.from_dict(
+    base = RunConfig.from_dict(
         {
             "model": {"source": str(source), "dtype": "auto"},
             "data": {
@@ -68,7 +49,6 @@ def train(
             "schedule": {
                 "prune_fraction": scale.prune_fraction,
                 "prune_every": scale.prune_every,
-                "compensation": compensation,
             },
             "train": {
                 "total_tokens": tokens,
@@ -87,6 +67,7 @@ def train(
             "out_dir": str(out),
         }
     )
+    cfg = base.replace(**(levers or {}))
     sink = _Progress(ListSink(), name, steps, say)
     t0 = time.perf_counter()
     result = Trainer(cfg, sink=sink).run()
@@ -103,6 +84,8 @@ def train(
         "curve": curve,
         "loss": losses,
         "pruning_events": len(events.of(Pruned)),
+        "teacher_flops": result.teacher_flops,
+        "levers": levers or {},
         "eval_protocol": events.of(Evaluated)[-1].protocol if events.of(Evaluated) else None,
     }
 

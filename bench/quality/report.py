@@ -5,7 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-COLORS = {"a": "#d62728", "b": "#1f77b4", "c": "#7f7f7f", "d": "#2ca02c", "e": "#ff7f0e"}
+COLORS = {
+    "a": "#d62728",
+    "a_best": "#9400d3",
+    "a_kd": "#e377c2",
+    "a_cont": "#bcbd22",
+    "a_cubic": "#8c564b",
+    "a_ema": "#17becf",
+    "b": "#1f77b4",
+    "b_kd": "#00008b",
+    "c": "#7f7f7f",
+    "d": "#2ca02c",
+    "e": "#ff7f0e",
+}
+
+
+def _flops(x: int | None) -> str:
+    return f"{x:.2e}" if x else "–"
 
 
 def markdown(res: dict) -> str:
@@ -26,8 +42,8 @@ def markdown(res: dict) -> str:
         "true next sentence among 4, 0-shot, chance 25%)",
         "",
         "| arm | method | params | train tokens | calib. tokens | held-out ppl | acc | acc_norm "
-        "| wall time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| teacher FLOPs | wall time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     src = res.get("source_eval")
     if src:
@@ -35,7 +51,7 @@ def markdown(res: dict) -> str:
         lines.append(
             f"| source | before pruning (reference) | {s['source_params']:,} | – | – | "
             f"{src['ppl']:.2f} | {mc['acc']:.3f} ± {mc['acc_stderr']:.3f} | "
-            f"{mc['acc_norm']:.3f} | – |"
+            f"{mc['acc_norm']:.3f} | – | – |"
         )
     for key, a in arms.items():
         mc = a["mc"]
@@ -43,7 +59,8 @@ def markdown(res: dict) -> str:
             f"| {key} | {a['method']} | {a['params']:,} | {a['train_tokens']:,} | "
             f"{a.get('oneshot', {}).get('calibration_tokens', 0):,} | "
             f"{a['ppl']:.2f} | {mc['acc']:.3f} ± {mc['acc_stderr']:.3f} | "
-            f"{mc['acc_norm']:.3f} | {a['seconds'] / 60:.1f} min |"
+            f"{mc['acc_norm']:.3f} | {_flops(a.get('teacher_flops'))} | "
+            f"{a['seconds'] / 60:.1f} min |"
         )
     lines += ["", "Final shapes:", ""]
     for key, a in arms.items():
@@ -96,7 +113,11 @@ def png(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
-    pruned = [p for k, a in res["arms"].items() if k != "c" for _, p in a["curve"]]
+    # the zoom: the pruned arms over the last 60% of tokens (one-shot arms start far up)
+    end = max((t for a in res["arms"].values() for t, _ in a["curve"]), default=0)
+    pruned = [
+        p for k, a in res["arms"].items() if k != "c" for t, p in a["curve"] if t >= 0.4 * end
+    ]
     for ax, zoom in zip(axes, (False, True), strict=True):
         for key, a in res["arms"].items():
             xs = [t for t, _ in a["curve"]]

@@ -51,6 +51,10 @@ class Scale:
     """Arms on one thread with deterministic kernels: a rerun gives bitwise the same numbers,
     and a second core stays free for other work on a 2-core machine."""
     seed: int = 0
+    arms: str = "a,b,c,d,e"
+    """Arms run by default (``--arms`` overrides); see ``specs.ARMS``."""
+    jobs: int = 1
+    """Arms side by side in separate processes (``--jobs`` overrides)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -80,10 +84,30 @@ class Scale:
 SCALES = {
     # ~1 hour on 2 CPU cores: a 5.5M-parameter Llama pretrained here, pruned to half.
     "cpu": Scale(name="cpu", source="pretrain"),
+    # The real SmolLM2-135M (demo model from the wheel) -> 50% on the five training novels, two
+    # arms at a time on one thread each (about 70 minutes on 2 cores; see the README).
+    "cpu-real": Scale(
+        name="cpu-real",
+        source="demo",
+        arm_tokens=131_072,
+        block_len=256,
+        batch_size=4,
+        lr=3e-4,
+        warmup_steps=8,
+        prune_every=2,
+        calib_batches=8,
+        evals=8,
+        eval_tokens=8192,
+        final_eval_tokens=32_768,
+        mc_items=100,
+        arms="a_best,a,b,b_kd,c,d",
+        jobs=2,
+    ),
     # One H200, ~10 minutes: SmolLM2-135M (the demo model, no hub needed) -> about half.
     "gpu": Scale(
         name="gpu",
         source="demo",
+        arms="a_best,a,b,b_kd,c,d",
         arm_tokens=6_000_000,
         block_len=512,
         batch_size=32,

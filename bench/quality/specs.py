@@ -1,0 +1,101 @@
+"""The arms of the benchmark: what each one trains, as data.
+
+Every arm ends at the same budget (within the pruner's 0.5% tolerance; arm c copies the shape of
+the pruning-aware arm it follows exactly), sees the same training batches in the same order (one
+seed) and the same number of training tokens; one-shot calibration batches are forward/backward
+passes without weight updates and are reported separately.
+
+``levers`` are config-section updates over the trainer's defaults (``RunConfig.replace`` style);
+the string ``"<source>"`` in them stands for the benchmark's source model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["aware", "oneshot", "scratch"]
+
+KD = {"distill": {"weight": 0.5, "temperature": 1.0, "teacher": "<source>"}}
+"""Distillation from the frozen source: half the loss is logit KL at T=1."""
+CONTINUOUS = {"train": {"lr_schedule": "continuous"}}
+CUBIC = {"schedule": {"trajectory": "cubic"}}
+EMA = {"saliency": {"mode": "ema", "beta": 0.9}}
+
+
+def merge(*parts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for p in parts:
+        for section, values in p.items():
+            out[section] = {**out.get(section, {}), **values}
+    return out
+
+
+BEST = merge(KD, CONTINUOUS, CUBIC, EMA)
+"""The best lever set: every lever on (chosen before the cpu-real run; see the README)."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    method: str
+    kind: Kind
+    levers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    granularity: str = "global"
+    """One-shot arms: global (per-layer widths) or uniform."""
+    follows: str = ""
+    """Scratch arms: the pruning-aware arm whose final architecture is re-initialised."""
+
+
+ARMS: dict[str, Arm] = {
+    "a": Arm("pruning-aware pretraining (variant A, the paper's defaults)", "aware"),
+    "a_best": Arm(
+        "pruning-aware pretraining, best lever set (KD + continuous LR + cubic + EMA)",
+        "aware",
+        BEST,
+    ),
+    "a_kd": Arm("a + knowledge distillation from the source", "aware", KD),
+    "a_cont": Arm("a + one continuous LR schedule", "aware", CONTINUOUS),
+    "a_cubic": Arm("a + cubic size trajectory", "aware", CUBIC),
+    "a_ema": Arm("a + EMA saliency (beta 0.9)", "aware", EMA),
+    "e": Arm(
+        "pruning-aware pretraining (variant B: OBS compensation)",
+        "aware",
+        {"schedule": {"compensation": "obs"}},
+    ),
+    "b": Arm("one-shot pruning (global) + continued pretraining", "oneshot"),
+    "b_kd": Arm(
+        "one-shot pruning (global) + continued pretraining with KD from the source", "oneshot", KD
+    ),
+    "d": Arm("uniform one-shot pruning + continued pretraining", "oneshot", granularity="uniform"),
+    "c": Arm("the pruning-aware arm's final architecture from random init", "scratch"),
+}
+"""Every arm, in report order."""
+
+ABLATIONS = ("a_kd", "a_cont", "a_cubic", "a_ema")
+
+
+def parse_arms(text: str) -> list[str]:
+    """``abcde`` (one letter an arm, as before) or a comma list such as ``a_best,a,b,b_kd,c``."""
+    names = [t.strip() for t in text.split(",")] if "," in text or "_" in text else list(text)
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in ARMS]
+    if unknown:
+        raise SystemExit(f"error: --arms: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    return [k for k in ARMS if k in names]
+
+
+def scratch_parent(arms: list[str], kept: dict) -> str:
+    """The pruning-aware arm that arm c re-initialises: a_best when run, else a."""
+    for key in ("a_best", "a"):
+        if key in arms or key in kept:
+            return key
+    raise SystemExit(
+        "error: arm c trains a pruning-aware arm's final architecture; add a or a_best"
+    )
+
+
+def resolve(levers: dict[str, dict[str, Any]], source: str) -> dict[str, dict[str, Any]]:
+    return {
+        sec: {k: (source if v == "<source>" else v) for k, v in vals.items()}
+        for sec, vals in levers.items()
+    }
