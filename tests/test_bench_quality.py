@@ -86,3 +86,27 @@ def test_tiny_benchmark_is_token_and_size_matched_and_reproducible(tmp_path) -> 
     assert [t for t, _ in second] == [t for t, _ in first]
     assert [p for _, p in second] == pytest.approx([p for _, p in first], rel=1e-6)
     assert again["arms"]["a"]["mc"]["acc"] == arms["a"]["mc"]["acc"]
+
+
+@pytest.mark.slow
+def test_tiny_lever_arms_side_by_side_match_a_single_process_run(tmp_path) -> None:
+    """a_best and b_kd (distillation from the source), c after a_best, two processes at once:
+    equal tokens and params, teacher FLOPs = 2 x source params x tokens, and arm a_best gives
+    the same numbers as when it runs alone in one process."""
+    res = _bench(tmp_path, "par", "--arms", "a_best,b_kd,c", "--jobs", "2")
+    arms, setup = res["arms"], res["setup"]
+    assert list(arms) == ["a_best", "b_kd", "c"] and setup["jobs"] == 2
+    assert {a["train_tokens"] for a in arms.values()} == {setup["arm_tokens"]}
+    budget = setup["budget_params"]
+    for a in arms.values():
+        assert budget * 0.99 <= a["params"] <= budget
+    n, tokens = setup["source_params"], setup["arm_tokens"]
+    assert arms["a_best"]["teacher_flops"] == 2 * n * tokens  # KD in both phases
+    assert arms["b_kd"]["teacher_flops"] == 2 * n * tokens  # teacher = the unpruned source
+    assert arms["c"]["teacher_flops"] == 0
+    assert arms["a_best"]["levers"]["distill"]["weight"] == 0.5
+    assert arms["c"]["follows"] == "a_best"
+    assert arms["c"]["shape"] == arms["a_best"]["shape"]
+    alone = _bench(tmp_path, "alone", "--arms", "a_best", "--jobs", "1")["arms"]["a_best"]
+    assert alone["ppl"] == pytest.approx(arms["a_best"]["ppl"], rel=1e-9)
+    assert alone["curve"] == arms["a_best"]["curve"]

@@ -57,17 +57,17 @@ ARMS: dict[str, Arm] = {
     "a_cont": Arm("a + one continuous LR schedule", "aware", CONTINUOUS),
     "a_cubic": Arm("a + cubic size trajectory", "aware", CUBIC),
     "a_ema": Arm("a + EMA saliency (beta 0.9)", "aware", EMA),
+    "b": Arm("one-shot pruning (global) + continued pretraining", "oneshot"),
+    "b_kd": Arm(
+        "one-shot pruning (global) + continued pretraining with KD from the source", "oneshot", KD
+    ),
+    "c": Arm("the pruning-aware arm's final architecture from random init", "scratch"),
+    "d": Arm("uniform one-shot pruning + continued pretraining", "oneshot", granularity="uniform"),
     "e": Arm(
         "pruning-aware pretraining (variant B: OBS compensation)",
         "aware",
         {"schedule": {"compensation": "obs"}},
     ),
-    "b": Arm("one-shot pruning (global) + continued pretraining", "oneshot"),
-    "b_kd": Arm(
-        "one-shot pruning (global) + continued pretraining with KD from the source", "oneshot", KD
-    ),
-    "d": Arm("uniform one-shot pruning + continued pretraining", "oneshot", granularity="uniform"),
-    "c": Arm("the pruning-aware arm's final architecture from random init", "scratch"),
 }
 """Every arm, in report order."""
 
