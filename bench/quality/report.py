@@ -1,4 +1,8 @@
-"""results.json, results.md, perplexity.html (Plotly) and perplexity.png for a benchmark run."""
+"""results.json, results.md, perplexity.html (Plotly) and perplexity.png for a benchmark run.
+
+``python -m bench.quality.report DIR`` renders the Markdown and figures again from
+``DIR/results.json`` (e.g. after a change to the report itself; the numbers are not touched).
+"""
 
 from __future__ import annotations
 
@@ -160,3 +164,18 @@ def write(res: dict, out: Path) -> dict[str, Path]:
     figure(res).write_html(paths["html"], include_plotlyjs="cdn")
     png(res, paths["png"])
     return paths
+
+
+def rerender(out: Path) -> dict[str, Path]:
+    """Write the files of ``out`` again from its ``results.json`` (arm names filled from keys)."""
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    for key, arm in res["arms"].items():
+        arm.setdefault("name", key)
+    return write(res, out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:]:
+        print(", ".join(str(p) for p in rerender(Path(arg)).values()))

@@ -85,7 +85,7 @@ def run_arm(key: str, ctx: ArmContext, parent_export: str | None = None) -> dict
         run = train(key, init, out / "train", scale, tokens=scale.arm_tokens, **common)
     say(f"arm {key}: final evaluation (held-out text + lm-eval next_sentence)")
     ev = final_eval(Path(run["export"]), read_documents(ctx.heldout_files), scale, ctx.task_cache)
-    result = {"method": arm.method, **run, **extra, **ev}
+    result = {"name": key, "method": arm.method, **run, **extra, **ev}
     (out / "arm.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     say(
         f"arm {key}: ppl {ev['ppl']:.2f}, {run['params']:,} params, "
