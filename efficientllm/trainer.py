@@ -171,7 +171,9 @@ class Trainer:
 
             r = json.loads(done.read_text(encoding="utf-8"))
             log.warning("run in %s already finished; delete the folder to start over", self.out)
-            return RunResult("finished", r["step"], r["params"], Path(r["export"]), {})
+            return RunResult(
+                "finished", r["step"], r["params"], Path(r["export"]), {}, r.get("teacher_flops", 0)
+            )
         if t.deterministic:
             torch.set_num_threads(1)
             torch.use_deterministic_algorithms(True)
@@ -335,10 +337,9 @@ class Trainer:
         path = self._export(model, tokenizer, plan, data.split)
         import json
 
-        done.write_text(
-            json.dumps({"step": self.step, "params": shape.num_params(), "export": str(path)}),
-            encoding="utf-8",
-        )
+        flops = self._teacher_flops(plan)
+        record = {"step": self.step, "params": shape.num_params(), "export": str(path)}
+        done.write_text(json.dumps({**record, "teacher_flops": flops}), encoding="utf-8")
         self.sink.emit(
             Finished(
                 step=self.step,
@@ -347,9 +348,7 @@ class Trainer:
                 shape=shape.to_dict(),
             )
         )
-        return RunResult(
-            "finished", self.step, shape.num_params(), path, losses, self._teacher_flops(plan)
-        )
+        return RunResult("finished", self.step, shape.num_params(), path, losses, flops)
 
     # ---- pieces ---------------------------------------------------------------------------
     def _teacher_flops(self, plan: Plan) -> int:

@@ -363,6 +363,8 @@ def test_distillation_from_the_source_counts_teacher_flops(assets, tmp_path) -> 
     # ... frozen: its weights are still the source's after the student was trained and pruned
     src = load_model(assets[0]).state_dict()
     assert all(torch.equal(v, src[k]) for k, v in both.teacher.model.state_dict().items())
+    # re-running the finished folder is a no-op that still reports what the run cost
+    assert Trainer(both.cfg).run().teacher_flops == res.teacher_flops
 
     prune, res_p, sink_p = _distill_run(assets, tmp_path / "prune", "prune")
     assert res_p.status == "finished"
