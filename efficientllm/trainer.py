@@ -359,29 +359,17 @@ class Trainer:
         return 2 * self.teacher.params * steps * plan.tokens_per_step
 
     def _lr(self, step: int, plan: Plan) -> float:
-        t = self.cfg.train
+        """continuous: one warmup + cosine over the run; rewarm: one over the pruning phase,
+        then a fresh one at ``recovery_lr`` over recovery."""
+        t, end = self.cfg.train, plan.prune_end_step
         if t.lr_schedule == "continuous":
-            return cosine_lr(
-                step,
-                total=plan.total_steps,
-                peak=t.lr,
-                warmup=t.warmup_steps,
-                min_ratio=t.min_lr_ratio,
-            )
-        if step < plan.prune_end_step:
-            return cosine_lr(
-                step,
-                total=plan.prune_end_step,
-                peak=t.lr,
-                warmup=t.warmup_steps,
-                min_ratio=t.min_lr_ratio,
-            )
+            start, total, peak = 0, plan.total_steps, t.lr
+        elif step < end:
+            start, total, peak = 0, end, t.lr
+        else:
+            start, total, peak = end, plan.total_steps - end, t.recovery_lr
         return cosine_lr(
-            step - plan.prune_end_step,
-            total=plan.total_steps - plan.prune_end_step,
-            peak=t.recovery_lr,
-            warmup=t.warmup_steps,
-            min_ratio=t.min_lr_ratio,
+            step - start, total=total, peak=peak, warmup=t.warmup_steps, min_ratio=t.min_lr_ratio
         )
 
     def _prune(
