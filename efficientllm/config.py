@@ -143,9 +143,11 @@ class DistillConfig:
     teacher: str = ""
     """Teacher model (hub id or folder); empty = the run's source model, frozen as loaded."""
     phases: Literal["both", "prune", "recovery"] = "both"
-    """Steps that distill: the pruning phase, recovery, or both."""
+    """Steps that distill: the pruning phase (with the stabilisation steps before it), recovery,
+    or both."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Teacher weights: auto = bf16 on GPU, fp32 on CPU (same device as the student)."""
+    """Teacher weights, on the student's device: auto = the student's precision (bf16 when it
+    trains under bf16 autocast, else fp32)."""
 
     @property
     def enabled(self) -> bool:

@@ -69,16 +69,39 @@ class Teacher:
         return mix(lm_loss, kd, self.weight)
 
 
-def load_teacher(cfg: DistillConfig, source: str, device: torch.device) -> Teacher | None:
-    """The frozen teacher for a run (None when distillation is off)."""
+def check_teacher(cfg: DistillConfig, source: str, vocab_size: int) -> None:
+    """Fail before any weights load when the teacher cannot teach this source: it must exist,
+    be a supported model, and share the source's vocabulary (the KL compares logits)."""
+    if not cfg.enabled or not cfg.teacher:
+        return
+    from efficientllm.errors import ConfigError
+    from efficientllm.model_io import load_config_dict
+
+    try:
+        theirs = load_config_dict(cfg.teacher).get("vocab_size")
+    except Exception as err:
+        raise ConfigError(f"distill.teacher: {err}") from None
+    if theirs != vocab_size:
+        raise ConfigError(
+            f"distill.teacher: {cfg.teacher} has a vocabulary of {theirs} tokens, the source "
+            f"{source} has {vocab_size}; distillation needs the same tokenizer (leave "
+            "distill.teacher empty to distil from the source itself)"
+        )
+
+
+def load_teacher(
+    cfg: DistillConfig, source: str, device: torch.device, *, bf16: bool = False
+) -> Teacher | None:
+    """The frozen teacher for a run (None when distillation is off); ``auto`` dtype follows the
+    student (``bf16``: the student runs under bf16 autocast)."""
     if not cfg.enabled:
         return None
     from efficientllm.model_io import load_model
 
     path = cfg.teacher or source
     model = load_model(path)
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
+    half = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and bf16)
+    model = model.to(device=device, dtype=torch.bfloat16 if half else torch.float32).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     n = sum(p.numel() for p in model.parameters())  # a tied lm_head is listed once

@@ -127,6 +127,9 @@ class Trainer:
                 ffn_multiple=self.cfg.budget.ffn_multiple,
             )
         validate_sources(self.cfg.data)
+        from efficientllm.distill import check_teacher
+
+        check_teacher(self.cfg.distill, self.cfg.model.source, source.vocab_size)
         return source, budget
 
     def _load(self, state: ckpt.Checkpoint | None):
@@ -205,7 +208,7 @@ class Trainer:
         model.train()  # loaders return eval mode; evaluation switches back itself
         from efficientllm.distill import load_teacher
 
-        self.teacher = load_teacher(cfg.distill, cfg.model.source, device)
+        self.teacher = load_teacher(cfg.distill, cfg.model.source, device, bf16=bf16)
         params = [p for _, p in ckpt.unique_named_parameters(model)]
         opt = torch.optim.AdamW(
             params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay
@@ -281,7 +284,7 @@ class Trainer:
                     loss = loss / t.grad_accum
                 accel.backward(loss)
                 loss_sum += loss.item()
-            del loss, out  # no graph may outlive the step: pruning changes parameter shapes
+                del loss, out  # no graph may outlive the step: pruning changes parameter shapes
             if not math.isfinite(loss_sum):
                 raise NonFiniteLossError(
                     f"loss became {loss_sum} at step {step}; lower train.lr or check the data"

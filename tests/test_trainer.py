@@ -402,3 +402,27 @@ def test_stopped_distillation_run_reports_teacher_flops_so_far(assets, tmp_path)
     res2 = tr2.run()  # resumes at step 4
     assert res2.status == "finished" and tr2.teacher.tokens == 8 * tokens_per_step
     assert res2.teacher_flops == 2 * n * 12 * tokens_per_step  # the whole run, across the resume
+
+
+def test_teacher_with_another_vocabulary_is_refused_before_training(assets, tmp_path) -> None:
+    from efficientllm.errors import ConfigError
+
+    other = save_tiny_source(tmp_path / "other", "llama_gqa_tied", vocab_size=80)
+    same = save_tiny_source(tmp_path / "same", "llama_gqa_tied", seed=3)
+    distill = {"weight": 0.5, "teacher": str(other)}
+    sink = ListSink()
+    with pytest.raises(ConfigError, match="vocabulary of 80 tokens"):
+        Trainer(_cfg(assets, tmp_path / "bad", distill=distill), sink=sink).run()
+    assert not sink.of(StepMetrics) and not (tmp_path / "bad" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="distill.teacher"):
+        missing = {"weight": 0.5, "teacher": str(tmp_path / "nowhere")}
+        Trainer(_cfg(assets, tmp_path / "missing", distill=missing)).run()
+    tr = Trainer(
+        _cfg(
+            assets,
+            tmp_path / "ok",
+            train={"total_tokens": 32 * 4 * 4, "eval_tokens": 0},
+            distill={"weight": 0.5, "teacher": str(same)},
+        )
+    )
+    assert tr.run().status == "finished" and tr.teacher is not None

@@ -46,7 +46,9 @@ def _kept(out: Path, scale) -> dict:
     # settings added to Scale after that run count as their defaults
     defaults = {f.name: f.default for f in dataclasses.fields(scale)}
     before = {**defaults, **old["setup"]["scale_settings"]}
-    if before != scale.__dict__:
+    runs_only = ("arms", "jobs")  # which arms and how many at once: not a training setting
+    now = {k: v for k, v in scale.__dict__.items() if k not in runs_only}
+    if {k: v for k, v in before.items() if k not in runs_only} != now:
         raise SystemExit(f"error: --keep: {path} was made with other settings; drop --keep")
     setup = old["setup"]
     return {

@@ -28,7 +28,7 @@ class ArmContext:
     heldout_files: list[Path]
     task_cache: Path
     t0: float
-    """perf_counter origin of the log lines (same clock in child processes on Linux)."""
+    """Wall-clock (``time.time()``) origin of the log lines, shared by the child processes."""
 
 
 def _say(ctx: ArmContext):
@@ -124,5 +124,11 @@ def run_arms(
                 later = []
             finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in finished:
-                results[pending.pop(fut)] = fut.result()
+                key = pending.pop(fut)
+                try:
+                    results[key] = fut.result()
+                except BaseException:
+                    # queued arms are dropped; finished ones are in <work>/<key>/arm.json
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
     return results

@@ -86,9 +86,10 @@ def parse_arms(text: str) -> list[str]:
 
 def scratch_parent(arms: list[str], kept: dict) -> str:
     """The pruning-aware arm that arm c re-initialises: a_best when run, else a."""
-    for key in ("a_best", "a"):
-        if key in arms or key in kept:
-            return key
+    for pool in (arms, kept):  # an arm run now wins over one kept from an earlier run
+        for key in ("a_best", "a"):
+            if key in pool:
+                return key
     raise SystemExit(
         "error: arm c trains a pruning-aware arm's final architecture; add a or a_best"
     )
