@@ -16,6 +16,7 @@ COLORS = {
     "a_cont": "#bcbd22",
     "a_cubic": "#8c564b",
     "a_ema": "#17becf",
+    "a_nokd": "#ff9896",
     "b": "#1f77b4",
     "b_kd": "#00008b",
     "c": "#7f7f7f",

@@ -57,6 +57,11 @@ ARMS: dict[str, Arm] = {
     "a_cont": Arm("a + one continuous LR schedule", "aware", CONTINUOUS),
     "a_cubic": Arm("a + cubic size trajectory", "aware", CUBIC),
     "a_ema": Arm("a + EMA saliency (beta 0.9)", "aware", EMA),
+    "a_nokd": Arm(
+        "a + continuous LR + cubic + EMA (the best set without KD)",
+        "aware",
+        merge(CONTINUOUS, CUBIC, EMA),
+    ),
     "b": Arm("one-shot pruning (global) + continued pretraining", "oneshot"),
     "b_kd": Arm(
         "one-shot pruning (global) + continued pretraining with KD from the source", "oneshot", KD
@@ -71,7 +76,6 @@ ARMS: dict[str, Arm] = {
 }
 """Every arm, in report order."""
 
-ABLATIONS = ("a_kd", "a_cont", "a_cubic", "a_ema")
 
 
 def parse_arms(text: str) -> list[str]:
