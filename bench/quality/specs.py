@@ -77,7 +77,6 @@ ARMS: dict[str, Arm] = {
 """Every arm, in report order."""
 
 
-
 def parse_arms(text: str) -> list[str]:
     """``abcde`` (one letter an arm, as before) or a comma list such as ``a_best,a,b,b_kd,c``."""
     names = [t.strip() for t in text.split(",")] if "," in text or "_" in text else list(text)
