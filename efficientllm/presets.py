@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "cpu-demo": {
-        "_help": "SmolLM2-135M -> 50% on Austen's novels, about 10 minutes on 2 CPU cores.",
+        "_help": "SmolLM2-135M -> 50% on Austen's novels, about 15 minutes on 2 CPU cores.",
         "model": {"source": DEMO_MODEL},
         "data": {"train": ["demo:austen"], "heldout": ["demo:austen-heldout"], "block_len": 256},
         "budget": {"target": "50%", "granularity": "global"},

@@ -16,6 +16,14 @@ from typing import Any, Literal
 
 Kind = Literal["aware", "oneshot", "scratch"]
 
+PAPER = {
+    "distill": {"weight": 0.0},
+    "train": {"lr_schedule": "rewarm"},
+    "schedule": {"trajectory": "linear"},
+    "saliency": {"mode": "window"},
+}
+"""The paper's recipe, spelled out (the config's defaults are the best lever set below)."""
+NO_KD = {"distill": {"weight": 0.0}}
 KD = {"distill": {"weight": 0.5, "temperature": 1.0, "teacher": "<source>"}}
 """Distillation from the frozen source: half the loss is logit KL at T=1."""
 CONTINUOUS = {"train": {"lr_schedule": "continuous"}}
@@ -31,8 +39,9 @@ def merge(*parts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-BEST = merge(KD, CONTINUOUS, CUBIC, EMA)
-"""The best lever set: every lever on (chosen before the cpu-real run; see the README)."""
+BEST = merge(PAPER, KD, CONTINUOUS, CUBIC, EMA)
+"""The best lever set: every lever on (chosen before the cpu-real run, where it won; it is the
+config's default since; see the README)."""
 
 
 @dataclass(frozen=True)
@@ -47,31 +56,33 @@ class Arm:
 
 
 ARMS: dict[str, Arm] = {
-    "a": Arm("pruning-aware pretraining (variant A, the paper's defaults)", "aware"),
+    "a": Arm("pruning-aware pretraining (variant A, the paper's defaults)", "aware", PAPER),
     "a_best": Arm(
         "pruning-aware pretraining, best lever set (KD + continuous LR + cubic + EMA)",
         "aware",
         BEST,
     ),
-    "a_kd": Arm("a + knowledge distillation from the source", "aware", KD),
-    "a_cont": Arm("a + one continuous LR schedule", "aware", CONTINUOUS),
-    "a_cubic": Arm("a + cubic size trajectory", "aware", CUBIC),
-    "a_ema": Arm("a + EMA saliency (beta 0.9)", "aware", EMA),
+    "a_kd": Arm("a + knowledge distillation from the source", "aware", merge(PAPER, KD)),
+    "a_cont": Arm("a + one continuous LR schedule", "aware", merge(PAPER, CONTINUOUS)),
+    "a_cubic": Arm("a + cubic size trajectory", "aware", merge(PAPER, CUBIC)),
+    "a_ema": Arm("a + EMA saliency (beta 0.9)", "aware", merge(PAPER, EMA)),
     "a_nokd": Arm(
         "a + continuous LR + cubic + EMA (the best set without KD)",
         "aware",
-        merge(CONTINUOUS, CUBIC, EMA),
+        merge(PAPER, CONTINUOUS, CUBIC, EMA),
     ),
-    "b": Arm("one-shot pruning (global) + continued pretraining", "oneshot"),
+    "b": Arm("one-shot pruning (global) + continued pretraining", "oneshot", NO_KD),
     "b_kd": Arm(
         "one-shot pruning (global) + continued pretraining with KD from the source", "oneshot", KD
     ),
-    "c": Arm("the pruning-aware arm's final architecture from random init", "scratch"),
-    "d": Arm("uniform one-shot pruning + continued pretraining", "oneshot", granularity="uniform"),
+    "c": Arm("the pruning-aware arm's final architecture from random init", "scratch", NO_KD),
+    "d": Arm(
+        "uniform one-shot pruning + continued pretraining", "oneshot", NO_KD, granularity="uniform"
+    ),
     "e": Arm(
         "pruning-aware pretraining (variant B: OBS compensation)",
         "aware",
-        {"schedule": {"compensation": "obs"}},
+        merge(PAPER, {"schedule": {"compensation": "obs"}}),
     ),
 }
 """Every arm, in report order."""
