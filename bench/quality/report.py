@@ -117,12 +117,13 @@ def png(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
-    # the zoom: the pruned arms over the last 60% of tokens (one-shot arms start far up)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), dpi=120)
+    # the zoom: the arms that end within 2x of the best, over the last 60% of the tokens
+    # (one-shot arms start far up; far-off arms such as c would flatten the rest)
     end = max((t for a in res["arms"].values() for t, _ in a["curve"]), default=0)
-    pruned = [
-        p for k, a in res["arms"].items() if k != "c" for t, p in a["curve"] if t >= 0.4 * end
-    ]
+    best = min((a["curve"][-1][1] for a in res["arms"].values() if a["curve"]), default=0)
+    near = [a for a in res["arms"].values() if a["curve"] and a["curve"][-1][1] <= 2 * best]
+    pruned = [p for a in near for t, p in a["curve"] if t >= 0.4 * end]
     for ax, zoom in zip(axes, (False, True), strict=True):
         for key, a in res["arms"].items():
             xs = [t for t, _ in a["curve"]]
@@ -134,12 +135,14 @@ def png(res: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         if zoom and pruned:
             ax.set_ylim(min(pruned) * 0.97, max(pruned) * 1.03)
-            ax.set_title("zoom on the pruned arms")
+            ax.set_xlim(0.4 * end * 0.95, end * 1.02)
+            ax.set_title("zoom: arms within 2x of the best, last 60% of tokens")
         else:
             ax.set_ylabel("held-out perplexity (log)")
             ax.set_title(f"Held-out perplexity vs training tokens (scale {res['setup']['scale']})")
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
