@@ -85,7 +85,7 @@ SCALES = {
     # ~1 hour on 2 CPU cores: a 5.5M-parameter Llama pretrained here, pruned to half.
     "cpu": Scale(name="cpu", source="pretrain"),
     # The real SmolLM2-135M (demo model from the wheel) -> 50% on the five training novels, two
-    # arms at a time on one thread each (about 70 minutes on 2 cores; see the README).
+    # arms at a time on one thread each (102.8 minutes on 2 cores; see the README).
     "cpu-real": Scale(
         name="cpu-real",
         source="demo",

@@ -12,7 +12,10 @@ the string ``"<source>"`` in them stands for the benchmark's source model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import reduce
 from typing import Any, Literal
+
+from efficientllm import presets
 
 Kind = Literal["aware", "oneshot", "scratch"]
 
@@ -32,11 +35,8 @@ EMA = {"saliency": {"mode": "ema", "beta": 0.9}}
 
 
 def merge(*parts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for p in parts:
-        for section, values in p.items():
-            out[section] = {**out.get(section, {}), **values}
-    return out
+    """Lever sets deep-merged left to right (the presets' own merge)."""
+    return reduce(presets.merge, parts, {})
 
 
 BEST = merge(PAPER, KD, CONTINUOUS, CUBIC, EMA)
@@ -51,8 +51,6 @@ class Arm:
     levers: dict[str, dict[str, Any]] = field(default_factory=dict)
     granularity: str = "global"
     """One-shot arms: global (per-layer widths) or uniform."""
-    follows: str = ""
-    """Scratch arms: the pruning-aware arm whose final architecture is re-initialised."""
 
 
 ARMS: dict[str, Arm] = {
