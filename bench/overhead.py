@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from efficientllm.assets import DEMO_HELDOUT_BOOK, austen_books, demo_model_path
-from efficientllm.data import pack_blocks, read_documents, tokenize_documents
-from efficientllm.events import ListSink, StepMetrics
 from efficientllm.model_io import load_model, load_tokenizer
 from efficientllm.presets import build_config
-from efficientllm.saliency import SaliencyAccumulator, compute_unit_scores
-from efficientllm.trainer import Trainer
+from efficientllm.pruning.saliency import SaliencyAccumulator, compute_unit_scores
+from efficientllm.training.data import pack_blocks, read_documents, tokenize_documents
+from efficientllm.training.events import ListSink, StepMetrics
+from efficientllm.training.trainer import Trainer
 
 
 def _step(
@@ -120,8 +120,8 @@ def whole_run(
         pat = sum(e.tokens_per_s and (batch_size * block_len) / e.tokens_per_s for e in steps_ev)
         final_params = steps_ev[-1].params
         # plain training of the source on the same blocks in the same order
-        from efficientllm.data import BlockSampler
-        from efficientllm.rundata import prepare
+        from efficientllm.training.data import BlockSampler
+        from efficientllm.training.rundata import prepare
 
         tok = load_tokenizer(source)
         data = prepare(cfg.data, tok, seed=cfg.train.seed)

@@ -117,9 +117,9 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Predict the per-layer shape and exact parameter count for a budget (config.json only)."""
-    from efficientllm.budget import format_params, parse_budget
-    from efficientllm.budget import plan as make_plan
     from efficientllm.model_io import source_shape
+    from efficientllm.pruning.budget import format_params, parse_budget
+    from efficientllm.pruning.budget import plan as make_plan
 
     source = source_shape(model)
     target = parse_budget(budget, source.num_params())
@@ -196,7 +196,7 @@ def prune_oneshot(
     seed: Annotated[int, typer.Option(help="Seed for the document split and block order.")] = 0,
 ) -> None:
     """Score groups on calibration text, remove them all at once down to the budget, export."""
-    from efficientllm.pipeline import OneShotJob, run_oneshot
+    from efficientllm.training.pipeline import OneShotJob, run_oneshot
 
     job = OneShotJob(
         model=model,
@@ -298,10 +298,10 @@ def run(
 ) -> None:
     """Pruning-aware pretraining: train while pruning down to the budget, then recover; export."""
     from efficientllm.config import read_config_dict
-    from efficientllm.events import JsonlSink, MultiSink
     from efficientllm.presets import build_config, resolve_demo
-    from efficientllm.progress import ProgressSink
-    from efficientllm.trainer import Trainer
+    from efficientllm.training.events import JsonlSink, MultiSink
+    from efficientllm.training.progress import ProgressSink
+    from efficientllm.training.trainer import Trainer
 
     over: dict = {}
     put = lambda sec, key, val: val is not None and over.setdefault(sec, {}).__setitem__(key, val)  # noqa: E731
@@ -387,8 +387,8 @@ def eval_cmd(
 ) -> None:
     """Held-out perplexity of a model (hub id, folder or export), with its protocol, and
     zero-shot multiple-choice accuracy through the lm-eval harness."""
-    from efficientllm.data import read_documents, tokenize_documents
-    from efficientllm.mctask import TASK_NAME, NextSentenceSpec, build_task
+    from efficientllm.evaluation.mctask import TASK_NAME, NextSentenceSpec, build_task
+    from efficientllm.training.data import read_documents, tokenize_documents
 
     docs = read_documents(data)
     names = [t.strip() for t in (tasks or TASK_NAME).split(",") if t.strip()]
@@ -408,11 +408,11 @@ def eval_cmd(
             typer.echo(f"note: {TASK_NAME} skipped: {err}", err=True)
             names.remove(TASK_NAME)
     if names:
-        from efficientllm.harness import check_tasks
+        from efficientllm.evaluation.harness import check_tasks
 
         check_tasks(names, include)  # unknown names fail before the model loads
 
-    from efficientllm.evaluate import perplexity
+    from efficientllm.evaluation.perplexity import perplexity
     from efficientllm.model_io import load_model, load_tokenizer
 
     m = load_model(model)
@@ -430,7 +430,7 @@ def eval_cmd(
     typer.echo(f"perplexity {res.ppl:.4f}  ({res.protocol})")
     results: dict = {}
     if names:
-        from efficientllm.harness import format_task_line, run_tasks
+        from efficientllm.evaluation.harness import format_task_line, run_tasks
 
         results = run_tasks(m, tok, names, include_path=include, batch_size=batch_size, limit=limit)
         for name, r in results.items():

@@ -14,6 +14,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from efficientllm.choices import (
+    Compensation,
+    DistillPhases,
+    Dtype,
+    ExportFormat,
+    Fisher,
+    Granularity,
+    GroupKind,
+    LRSchedule,
+    SaliencyMode,
+    Scorer,
+    Trajectory,
+)
 from efficientllm.errors import ConfigError
 
 
@@ -21,7 +34,7 @@ from efficientllm.errors import ConfigError
 class ModelConfig:
     source: str = ""
     """Hub id (org/name) or local folder of the source model (config.json + *.safetensors)."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Dtype = "auto"
     """Compute dtype: auto = fp32 on CPU, bf16 autocast on GPU (weights stay fp32)."""
 
 
@@ -44,11 +57,9 @@ class BudgetConfig:
     target: str = "50%"
     """Final parameter count: 67M, 0.5B, 67000000, or a ratio of the source like 50%. ``none``
     trains the source as it is, without pruning (continued pretraining, or a baseline)."""
-    granularity: Literal["uniform", "global"] = "global"
+    granularity: Granularity = "global"
     """uniform: every layer keeps the same widths; global: widths per layer chosen by saliency."""
-    kinds: list[Literal["qhead", "kvgroup", "ffn", "hidden", "layer"]] = field(
-        default_factory=lambda: ["qhead", "kvgroup", "ffn", "hidden"]
-    )
+    kinds: list[GroupKind] = field(default_factory=lambda: ["qhead", "kvgroup", "ffn", "hidden"])
     """Group kinds that may be removed (add "layer" to allow dropping whole blocks)."""
     hidden_multiple: int = 8
     """Hidden channels are removed in blocks of this many (hardware-friendly widths)."""
@@ -65,11 +76,11 @@ class BudgetConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SaliencyConfig:
-    scorer: Literal["taylor1", "taylor_mix", "magnitude", "random"] = "taylor1"
+    scorer: Scorer = "taylor1"
     """taylor1 |w*g| (default), taylor_mix |w*g - F w^2/2|, magnitude |w|, random (control)."""
-    fisher: Literal["grad2", "adam"] = "adam"
+    fisher: Fisher = "adam"
     """For taylor_mix: F from the step's squared gradient or from Adam's exp_avg_sq."""
-    mode: Literal["window", "ema"] = "ema"
+    mode: SaliencyMode = "ema"
     """ema (default since the cpu-real benchmark): exponential moving average; window: mean since
     the last pruning event (the paper)."""
     beta: float = 0.9
@@ -84,12 +95,12 @@ class ScheduleConfig:
     """Share of the total training tokens over which the size goes to the budget."""
     start_fraction: float = 0.0
     """Stabilisation share: tokens trained at full size before pruning starts (t0)."""
-    trajectory: Literal["linear", "cubic"] = "cubic"
+    trajectory: Trajectory = "cubic"
     """Size over the pruning phase: cubic (default; Zhu & Gupta 2017: P* + (P0-P*)(1-f)^3, fast
     early while the model is redundant, slow near the budget) or linear in tokens (the paper)."""
     prune_every: int = 2
     """Optimizer steps between pruning events."""
-    compensation: Literal["none", "obs"] = "none"
+    compensation: Compensation = "none"
     """none: variant A, no weight compensation (the paper's headline models). obs: variant B, a
     local second-order (OBS) update of the consuming layer before each removal, from H = XᵀX of
     its inputs since the last event (costs one in×in matrix per consumer; resume restarts H)."""
@@ -107,7 +118,7 @@ class TrainConfig:
     """Peak learning rate (AdamW), pruning phase."""
     recovery_lr: float = 3e-4
     """Peak learning rate of the recovery phase (lr_schedule rewarm)."""
-    lr_schedule: Literal["rewarm", "continuous"] = "continuous"
+    lr_schedule: LRSchedule = "continuous"
     """continuous (default): one warmup + cosine over the whole run (recovery_lr unused);
     rewarm: warmup + cosine over the pruning phase, then a fresh one for recovery (the paper)."""
     min_lr_ratio: float = 0.1
@@ -144,10 +155,10 @@ class DistillConfig:
     """Softmax temperature T of the distillation KL."""
     teacher: str = ""
     """Teacher model (hub id or folder); empty = the run's source model, frozen as loaded."""
-    phases: Literal["both", "prune", "recovery"] = "both"
+    phases: DistillPhases = "both"
     """Steps that distill: the pruning phase (with the stabilisation steps before it), recovery,
     or both."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Dtype = "auto"
     """Teacher weights, on the student's device: auto = the student's precision (bf16 when it
     trains under bf16 autocast, else fp32)."""
 
@@ -158,7 +169,7 @@ class DistillConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ExportConfig:
-    format: Literal["auto", "efficientllm", "family"] = "auto"
+    format: ExportFormat = "auto"
     """auto: the vanilla family class when the final shape allows, else the heterogeneous one."""
 
 
@@ -321,7 +332,7 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("budget.kinds: allow at least one group kind")
     if not b.no_pruning:
         try:
-            from efficientllm.budget import parse_budget
+            from efficientllm.pruning.budget import parse_budget
 
             parse_budget(b.target, 10**12)
         except ConfigError as err:

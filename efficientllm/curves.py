@@ -8,11 +8,10 @@ Events written before the keys were group kinds used ``head`` for the query head
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, get_args
 
-SaliencyKind = Literal["qhead", "ffn", "hidden"]
-"""Group kinds (a subset of ``efficientllm.groups.GroupKind``) whose saliency is reported."""
-SALIENCY_KINDS: tuple[SaliencyKind, ...] = get_args(SaliencyKind)
+from efficientllm.choices import SALIENCY_KINDS, SaliencyKind
+
+__all__ = ["LEGACY_KEYS", "SALIENCY_KINDS", "SaliencyKind", "saliency_curves"]
 LEGACY_KEYS: dict[str, SaliencyKind] = {"head": "qhead"}
 """Keys of older events -> the kind they meant."""
 

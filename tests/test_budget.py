@@ -7,11 +7,11 @@ import torch
 from tiny import FAMILIES, tiny_config, tiny_model
 
 from efficientllm.arch import get_adapter, supported_model_types
-from efficientllm.budget import check_budget, parse_budget, plan, smallest_shape
-from efficientllm.decide import decide
 from efficientllm.errors import BudgetInfeasibleError, ConfigError, UnsupportedArchitectureError
-from efficientllm.groups import Group, group_cost, shape_after, unit_cost
 from efficientllm.model_io import shape_from_config
+from efficientllm.pruning.budget import check_budget, parse_budget, plan, smallest_shape
+from efficientllm.pruning.decide import decide
+from efficientllm.pruning.groups import Group, group_cost, shape_after, unit_cost
 from efficientllm.shape import LayerShape
 
 SMOLLM2_135M = dict(  # the demo model's config.json (assets.md)
@@ -133,7 +133,7 @@ def test_unsupported_model_type_lists_the_supported_ones() -> None:
 
 
 def _random_scores(model):
-    from efficientllm.saliency import compute_unit_scores
+    from efficientllm.pruning.saliency import compute_unit_scores
 
     torch.manual_seed(0)
     return compute_unit_scores(model, scorer="random", generator=torch.Generator().manual_seed(0))
@@ -143,7 +143,7 @@ def _random_scores(model):
 @pytest.mark.parametrize("family", ["llama_gqa_tied", "qwen2", "llama_mha"])
 def test_decide_reaches_target_and_prune_matches(granularity, family) -> None:
     from efficientllm.modeling import EfficientLLMForCausalLM
-    from efficientllm.prune import apply_drops_
+    from efficientllm.pruning.prune import apply_drops_
 
     model = EfficientLLMForCausalLM.from_family(tiny_model(family))
     shape = shape_from_config(model.config.to_dict())
@@ -181,7 +181,7 @@ def test_decide_raises_when_nothing_is_left() -> None:
 def test_decide_ffn_multiple_is_per_layer(granularity) -> None:
     """One narrow layer (width < 2 * ffn_multiple, so removed one channel at a time) must not
     switch the wide layers to one-channel removals: they stay multiples of ffn_multiple."""
-    from efficientllm.saliency import UnitScores
+    from efficientllm.pruning.saliency import UnitScores
 
     shape = shape_from_config(tiny_config("llama_gqa_tied").to_dict())
     ly = shape.layers[0]

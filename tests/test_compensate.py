@@ -9,12 +9,12 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from efficientllm.compensate import Compensator, obs_transfer
-from efficientllm.decide import Drops
-from efficientllm.groups import head_rows
 from efficientllm.model_io import shape_from_config
 from efficientllm.modeling import EfficientLLMForCausalLM
-from efficientllm.prune import apply_drops_
+from efficientllm.pruning.compensate import Compensator, obs_transfer
+from efficientllm.pruning.decide import Drops
+from efficientllm.pruning.groups import head_rows
+from efficientllm.pruning.prune import apply_drops_
 
 
 def _model(family: str, seed: int = 0):

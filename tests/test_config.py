@@ -11,7 +11,7 @@ import yaml
 from efficientllm.config import RunConfig, TrainConfig, field_docs, load_config
 from efficientllm.errors import ConfigError
 from efficientllm.presets import build_config, preset_dict, preset_names
-from efficientllm.schedule import Plan, cosine_lr, target_params
+from efficientllm.training.schedule import StepPlan, cosine_lr, learning_rate, target_params
 
 
 def test_all_problems_at_once() -> None:
@@ -75,7 +75,9 @@ def test_trajectory_and_lr() -> None:
     assert target_params(0, source=100, budget=50, start_tokens=0, prune_tokens=10) == 100
     assert target_params(5, source=100, budget=50, start_tokens=0, prune_tokens=10) == 75
     assert target_params(99, source=100, budget=50, start_tokens=0, prune_tokens=10) == 50
-    plan = Plan.make(total_tokens=1000, tokens_per_step=10, start_fraction=0.1, prune_fraction=0.5)
+    plan = StepPlan.make(
+        total_tokens=1000, tokens_per_step=10, start_fraction=0.1, prune_fraction=0.5
+    )
     assert (plan.total_steps, plan.prune_start_step, plan.prune_end_step) == (100, 10, 60)
     assert plan.target(60, source=100, budget=50) == 50 and plan.phase(60) == "recovery"
     assert cosine_lr(0, total=10, peak=1.0, warmup=2, min_ratio=0.1) == 0.5
@@ -88,7 +90,7 @@ def test_budget_none_means_no_pruning_plan() -> None:
     )
     assert cfg.budget.no_pruning
     assert not RunConfig().budget.no_pruning
-    plan = Plan.make(
+    plan = StepPlan.make(
         total_tokens=1000, tokens_per_step=100, start_fraction=0, prune_fraction=0.5, prune=False
     )
     assert (plan.total_steps, plan.prune_start_step, plan.prune_end_step) == (10, 0, 0)
@@ -106,7 +108,7 @@ def test_cubic_and_linear_trajectories() -> None:
     assert target_params(30, source=1000, budget=200, start_tokens=20, prune_tokens=100) == 920
     with pytest.raises(ValueError, match="trajectory"):
         target_params(30, **kw, trajectory="exp")  # type: ignore[arg-type]
-    plan = Plan.make(
+    plan = StepPlan.make(
         total_tokens=1000,
         tokens_per_step=10,
         start_fraction=0.1,
@@ -120,16 +122,14 @@ def test_cubic_and_linear_trajectories() -> None:
     cubic = [plan.target(s, source=1000, budget=200) for s in range(101)]
     assert cubic == sorted(cubic, reverse=True)
     assert (
-        Plan.make(
+        StepPlan.make(
             total_tokens=1000, tokens_per_step=10, start_fraction=0.1, prune_fraction=0.5
         ).target(35, source=1000, budget=200)
         == 600
     )
 
 
-def _lrs(schedule: str) -> tuple[list[float], Plan]:
-    from efficientllm.trainer import Trainer
-
+def _lrs(schedule: str) -> tuple[list[float], StepPlan]:
     over = {
         "model": {"source": "x/y"},
         "data": {"train": ["a.txt"], "block_len": 32},
@@ -145,12 +145,11 @@ def _lrs(schedule: str) -> tuple[list[float], Plan]:
         "schedule": {"prune_fraction": 0.5, "start_fraction": 0.0},
     }
     cfg = build_config(preset="tiny-debug", overrides=over)
-    plan = Plan.make(
+    plan = StepPlan.make(
         total_tokens=32 * 4 * 40, tokens_per_step=128, start_fraction=0, prune_fraction=0.5
     )
     assert (plan.total_steps, plan.prune_end_step) == (40, 20)
-    tr = Trainer(cfg)
-    return [tr._lr(s, plan) for s in range(plan.total_steps)], plan
+    return [learning_rate(s, plan, cfg.train) for s in range(plan.total_steps)], plan
 
 
 def test_continuous_lr_is_one_warmup_cosine_over_the_run() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficientllm.data import (
+from efficientllm.errors import ConfigError, DataError
+from efficientllm.training.data import (
     BlockSampler,
     Document,
     load_hub_dataset,
@@ -18,7 +19,6 @@ from efficientllm.data import (
     split_documents,
     tokenize_documents,
 )
-from efficientllm.errors import ConfigError, DataError
 
 WORDS = ["the", "a", "of", "house", "sister", "letter", "walk", "dance", "ball", "said", "very"]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from efficientllm.distill import kd_loss, mix
+from efficientllm.training.distill import kd_loss, mix
 
 
 def _reference_kd(student, teacher, temperature: float) -> float:

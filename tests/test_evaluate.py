@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from efficientllm.errors import ConfigError, DataError
-from efficientllm.evaluate import perplexity
+from efficientllm.evaluation.perplexity import perplexity
 from tests.tiny import tiny_model
 
 
@@ -130,7 +130,7 @@ def test_real_model_on_heldout_austen(demo_model_dir, austen):
     """SmolLM2-135M on a held-out book: a real English LM scores roughly 35 here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from efficientllm.data import read_documents, split_documents, tokenize_documents
+    from efficientllm.training.data import read_documents, split_documents, tokenize_documents
 
     docs = read_documents(sorted(austen.values()))
     held_name = next(d.name for d in docs if "persuasion" in d.name.lower())

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from efficientllm.errors import ConfigError, DataError
-from efficientllm.mctask import (
+from efficientllm.evaluation.mctask import (
     TASK_NAME,
     NextSentenceSpec,
     build_items,

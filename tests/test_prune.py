@@ -9,10 +9,16 @@ import pytest
 import torch
 from tiny import FAMILIES, tiny_model
 
-from efficientllm.groups import Group, coupled_slices, group_cost, query_heads_of, shape_after
 from efficientllm.model_io import shape_from_config
 from efficientllm.modeling import EfficientLLMForCausalLM
-from efficientllm.prune import prune_
+from efficientllm.pruning.groups import (
+    Group,
+    coupled_slices,
+    group_cost,
+    query_heads_of,
+    shape_after,
+)
+from efficientllm.pruning.prune import prune_
 
 TOL = 1e-5
 

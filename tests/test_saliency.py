@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from efficientllm.errors import ConfigError
-from efficientllm.saliency import (
+from efficientllm.pruning.saliency import (
     SaliencyAccumulator,
     UnitScores,
     compute_unit_scores,

@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 from tiny import save_tiny_corpus, save_tiny_source
 
-from efficientllm.events import (
+from efficientllm.export import load_exported
+from efficientllm.presets import build_config
+from efficientllm.training.events import (
     CheckpointSaved,
     Evaluated,
     Exported,
@@ -28,10 +30,8 @@ from efficientllm.events import (
     Stopped,
     read_events,
 )
-from efficientllm.export import load_exported
-from efficientllm.presets import build_config
-from efficientllm.schedule import Plan
-from efficientllm.trainer import Trainer
+from efficientllm.training.schedule import StepPlan
+from efficientllm.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_trajectory_budget_events(assets, tmp_path, granularity) -> None:
     result = Trainer(cfg, sink=sink).run()
     started = sink.of(RunStarted)[0]
     budget, source = started.budget, started.source_params
-    plan = Plan.make(
+    plan = StepPlan.make(
         total_tokens=cfg.train.total_tokens,
         tokens_per_step=4 * 32,
         start_fraction=0.0,
@@ -311,9 +311,9 @@ def test_trains_in_training_mode_after_resume(assets, tmp_path, grad_forwards) -
 
 def test_tokens_per_s_excludes_evaluation_and_checkpoint_time(assets, tmp_path, monkeypatch):
     """Evaluation and checkpointing made (virtually) 1000 s slow leave tokens/s untouched."""
-    import efficientllm.checkpoint as ckpt_mod
-    import efficientllm.evaluate as evaluate_mod
-    import efficientllm.trainer as trainer_mod
+    import efficientllm.evaluation.perplexity as evaluate_mod
+    import efficientllm.training.checkpoint as ckpt_mod
+    import efficientllm.training.trainer as trainer_mod
 
     class Clock:  # time.perf_counter plus the virtual time spent in evaluation/checkpoints
         offset = 0.0

@@ -41,8 +41,8 @@ from worker_util import (  # noqa: E402
 )
 
 from db import repo  # noqa: E402
-from efficientllm.checkpoint import complete_checkpoints  # noqa: E402
 from efficientllm.errors import ConfigError, NonFiniteLossError  # noqa: E402
+from efficientllm.training.checkpoint import complete_checkpoints  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -557,7 +557,7 @@ def test_submit_generation_validates_and_worker_reports_errors(tmp_path: Path) -
 
 def test_sink_throttles_and_survives_redis_down(tmp_path: Path) -> None:
     from db.engine import make_engine, session_factory, upgrade_to_head
-    from efficientllm.events import CheckpointSaved, StepMetrics
+    from efficientllm.training.events import CheckpointSaved, StepMetrics
     from worker.sinks import DbSink
 
     url = f"sqlite:///{tmp_path / 'j.db'}"

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
-from efficientllm.events import Event
+from efficientllm.training.events import Event
 
 log = logging.getLogger(__name__)
 

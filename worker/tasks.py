@@ -98,7 +98,7 @@ def run(job_id: str, settings: Settings | None = None) -> str:
     from efficientllm.config import RunConfig
     from efficientllm.errors import EfficientLLMError
     from efficientllm.presets import resolve_demo
-    from efficientllm.trainer import Trainer
+    from efficientllm.training.trainer import Trainer
 
     settings = settings or get_settings()
     sm = sessions(settings.db_url)
@@ -261,7 +261,7 @@ def generate_task(gen_id: str) -> str:
 def _preload(**_: Any) -> None:
     """Import the training stack once in the worker's parent (no CUDA use), so pool children
     forked later start jobs at once."""
-    import efficientllm.trainer  # noqa: F401
+    import efficientllm.training.trainer  # noqa: F401
 
 
 def _connect_preload() -> None:

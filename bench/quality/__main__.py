@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from efficientllm.assets import cache_root
-    from efficientllm.data import read_documents
+    from efficientllm.training.data import read_documents
 
     hf_logging.disable_progress_bar()  # one line per ~10% of each arm instead
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' bars
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if scale.deterministic:  # every arm, one-shot scoring and evaluation alike
         torch.set_num_threads(1)
         torch.use_deterministic_algorithms(True)
-    from efficientllm.budget import parse_budget
     from efficientllm.model_io import source_shape
+    from efficientllm.pruning.budget import parse_budget
 
     src_params = source_shape(source).num_params()
     budget_params = parse_budget(scale.budget, src_params)

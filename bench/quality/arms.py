@@ -30,8 +30,8 @@ def train(
     """One trainer run (pruning when ``budget`` is a budget, plain training for ``none``);
     ``levers`` are config-section updates on top (distillation, LR schedule, trajectory ...)."""
     from efficientllm.config import RunConfig
-    from efficientllm.events import Evaluated, ListSink, Pruned, StepMetrics
-    from efficientllm.trainer import Trainer
+    from efficientllm.training.events import Evaluated, ListSink, Pruned, StepMetrics
+    from efficientllm.training.trainer import Trainer
 
     if out.exists():
         shutil.rmtree(out)
@@ -99,7 +99,7 @@ class _Progress:
         self.t0 = time.perf_counter()
 
     def emit(self, event) -> None:
-        from efficientllm.events import Evaluated, StepMetrics
+        from efficientllm.training.events import Evaluated, StepMetrics
 
         self.inner.emit(event)
         if isinstance(event, StepMetrics) and event.step % self.every == 0:
@@ -122,7 +122,7 @@ def oneshot(
     granularity: str,
 ) -> dict:
     """One-shot pruning of ``source`` to the budget with calibration saliency (taylor1)."""
-    from efficientllm.pipeline import OneShotJob, run_oneshot
+    from efficientllm.training.pipeline import OneShotJob, run_oneshot
 
     if out.exists():
         shutil.rmtree(out)
@@ -170,11 +170,11 @@ def random_like(export: Path, out: Path, *, seed: int) -> Path:
 
 def final_eval(export: Path, heldout_docs, scale: Scale, task_cache: Path) -> dict:
     """The shared evaluation: whole-held-out perplexity + the offline lm-eval task."""
-    from efficientllm.data import tokenize_documents
-    from efficientllm.evaluate import perplexity
-    from efficientllm.harness import evaluate_offline
-    from efficientllm.mctask import NextSentenceSpec
+    from efficientllm.evaluation.harness import evaluate_offline
+    from efficientllm.evaluation.mctask import NextSentenceSpec
+    from efficientllm.evaluation.perplexity import perplexity
     from efficientllm.model_io import load_model, load_tokenizer, shape_from_config
+    from efficientllm.training.data import tokenize_documents
 
     model = load_model(export)
     tok = load_tokenizer(export)

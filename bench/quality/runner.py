@@ -43,7 +43,7 @@ def run_arm(key: str, ctx: ArmContext, parent_export: str | None = None) -> dict
     import torch
 
     from bench.quality.arms import final_eval, oneshot, random_like, train
-    from efficientllm.data import read_documents
+    from efficientllm.training.data import read_documents
 
     scale, arm, say = ctx.scale, ARMS[key], _say(ctx)
     if scale.deterministic:

@@ -90,7 +90,7 @@ def pretrained_source(
     say=print,
 ) -> tuple[Path, dict]:
     """The cached source folder and how it was made (trained here on first use)."""
-    from efficientllm.data import read_documents
+    from efficientllm.training.data import read_documents
 
     folder = cache / f"source-{_fingerprint(scale, train_files)}"
     meta_file = folder / "source.json"

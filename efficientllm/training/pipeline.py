@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from efficientllm.config import DataConfig
 from efficientllm.errors import ConfigError, DataError
 
 
@@ -38,7 +39,7 @@ class OneShotJob:
 
 
 def _ppl(model, stream, job: OneShotJob, bos_id):
-    from efficientllm.evaluate import perplexity
+    from efficientllm.evaluation.perplexity import perplexity
 
     if job.eval_tokens == 0:
         return None
@@ -56,11 +57,11 @@ def run_oneshot(job: OneShotJob, *, echo: Callable[[str], None] = lambda s: None
     """Run the job; returns the report that is also written as ``oneshot_report.json``."""
     import torch
 
-    from efficientllm.budget import check_budget, parse_budget
-    from efficientllm.data import pack_blocks, read_documents, split_documents, tokenize_documents
     from efficientllm.export import export_model
     from efficientllm.model_io import load_model, load_tokenizer, source_shape
-    from efficientllm.oneshot import prune_oneshot_
+    from efficientllm.pruning.budget import check_budget, parse_budget
+    from efficientllm.pruning.oneshot import prune_oneshot_
+    from efficientllm.training.rundata import prepare, validate_sources
 
     t0 = time.perf_counter()
     source = source_shape(job.model)
@@ -68,27 +69,31 @@ def run_oneshot(job: OneShotJob, *, echo: Callable[[str], None] = lambda s: None
     check_budget(source, budget, hidden_multiple=job.hidden_multiple, ffn_multiple=job.ffn_multiple)
     if job.out.exists():
         raise ConfigError(f"output folder {job.out} already exists; choose a new --out")
-    docs = read_documents(job.data)
-    if job.heldout:
-        train, held = docs, read_documents(job.heldout)
-    else:
-        train, held = split_documents(docs, heldout=job.heldout_fraction, seed=job.seed)
+    data_cfg = DataConfig(
+        train=[str(p) for p in job.data],
+        heldout=[str(p) for p in job.heldout],
+        heldout_fraction=job.heldout_fraction,
+        block_len=job.block_len,
+    )
+    validate_sources(data_cfg)
     echo(f"source {source.describe()} {source.num_params():,} params -> budget {budget:,}")
-    echo(f"data: {len(train)} calibration document(s), {len(held)} held-out document(s)")
 
     model = load_model(job.model)
     tok = load_tokenizer(job.model)
-    stream = tokenize_documents(train, tok, add_bos=False)
-    blocks = pack_blocks(stream, job.block_len)
+    data = prepare(data_cfg, tok, seed=job.seed)
+    blocks, held_stream = data.train_blocks, data.heldout
+    echo(
+        f"data: {len(data.split['train'])} calibration document(s), "
+        f"{len(data.split['heldout'])} held-out document(s)"
+    )
     need = job.calib_batches * job.batch_size
     if len(blocks) < job.batch_size:
         raise DataError(
-            f"calibration text has {len(stream)} tokens, fewer than one batch of "
-            f"{job.batch_size}x{job.block_len}; add text or lower --block-len"
+            f"calibration text makes {len(blocks)} block(s) of {job.block_len} tokens, fewer "
+            f"than one batch of {job.batch_size}; add text or lower --block-len"
         )
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(job.seed))[:need]
     batches = [blocks[order[i : i + job.batch_size]] for i in range(0, len(order), job.batch_size)]
-    held_stream = tokenize_documents(held, tok, add_bos=False)
 
     echo("held-out perplexity before pruning ...")
     before = _ppl(model, held_stream, job, None)  # no BOS: SmolLM2's BOS is a chat token

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from efficientllm.decide import Drops
-from efficientllm.groups import Group, head_rows, query_heads_of, validate_group
+from efficientllm.pruning.decide import Drops
+from efficientllm.pruning.groups import Group, head_rows, query_heads_of, validate_group
 from efficientllm.shape import LayerShape, ModelShape
 
 log = logging.getLogger(__name__)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal
 
+from efficientllm.choices import Granularity
 from efficientllm.errors import BudgetInfeasibleError, ConfigError
 from efficientllm.shape import LayerShape, ModelShape
 
-Granularity = Literal["uniform", "global"]
 DEFAULT_TOLERANCE = 0.005
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}

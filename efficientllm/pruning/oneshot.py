@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from efficientllm.budget import Granularity, check_budget
-from efficientllm.decide import Decision, decide
-from efficientllm.groups import GroupKind
 from efficientllm.model_io import shape_from_config
-from efficientllm.prune import apply_drops_
-from efficientllm.saliency import SaliencyAccumulator, Scorer, compute_unit_scores
+from efficientllm.pruning.budget import Granularity, check_budget
+from efficientllm.pruning.decide import Decision, decide
+from efficientllm.pruning.groups import GroupKind
+from efficientllm.pruning.prune import apply_drops_
+from efficientllm.pruning.saliency import SaliencyAccumulator, Scorer, compute_unit_scores
 from efficientllm.shape import ModelShape
 
 log = logging.getLogger(__name__)

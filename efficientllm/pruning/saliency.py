@@ -11,20 +11,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from efficientllm.choices import SCORERS, Fisher, SaliencyKind, SaliencyMode, Scorer
 from efficientllm.errors import ConfigError
+from efficientllm.pruning.groups import unit_cost
+from efficientllm.shape import ModelShape
 
 Gen = torch.Generator | None
 Optimizer = torch.optim.Optimizer
 log = logging.getLogger(__name__)
-
-Scorer = Literal["taylor1", "taylor_mix", "magnitude", "random"]
-Fisher = Literal["grad2", "adam"]
-SCORERS: tuple[str, ...] = ("taylor1", "taylor_mix", "magnitude", "random")
 
 
 # ---- element scorers ------------------------------------------------------------------------
@@ -96,6 +94,17 @@ class UnitScores:
     def tensors(self) -> list[Tensor]:
         """All tensors in a fixed order (for element-wise arithmetic)."""
         return [*self.q_head, *self.kv_head, *self.ffn, self.hidden, self.layer]
+
+
+def mean_normalised_saliency(scores: UnitScores, shape: ModelShape) -> dict[SaliencyKind, float]:
+    """Mean saliency per parameter of each group kind (the paper's trajectory plot), keyed by
+    the curve names the Monitor plots."""
+    per_qhead = 2 * shape.head_dim * shape.hidden_size
+    return {
+        "qhead": float(torch.cat(scores.q_head).mean()) / per_qhead,
+        "ffn": float(torch.cat(scores.ffn).mean()) / unit_cost(shape, "ffn", 0),
+        "hidden": float(scores.hidden.mean()) / unit_cost(shape, "hidden"),
+    }
 
 
 def _element_scorer(
@@ -212,7 +221,7 @@ class SaliencyAccumulator:
     The ``select_*``/``remove_layer_`` methods follow physical pruning so the state survives it.
     """
 
-    def __init__(self, mode: Literal["window", "ema"] = "window", beta: float = 0.9):
+    def __init__(self, mode: SaliencyMode = "window", beta: float = 0.9):
         if mode not in ("window", "ema"):
             raise ConfigError(f"unknown saliency accumulation mode {mode!r}; use 'window' or 'ema'")
         if not 0.0 <= beta < 1.0:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from efficientllm.budget import format_params
-from efficientllm.events import (
+from efficientllm.pruning.budget import format_params
+from efficientllm.training.events import (
     CheckpointSaved,
     Evaluated,
     Event,

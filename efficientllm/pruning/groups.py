@@ -19,10 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from efficientllm.choices import GroupKind
 from efficientllm.shape import LayerShape, ModelShape
-
-GroupKind = Literal["qhead", "kvgroup", "ffn", "hidden", "layer"]
-KINDS: tuple[GroupKind, ...] = ("qhead", "kvgroup", "ffn", "hidden", "layer")
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,34 @@ class Slice:
     param: str
     dim: int
     index: tuple[int, ...]
+
+
+Unit = Literal["q", "kv", "ffn"]
+
+PROJECTIONS: dict[str, tuple[Unit, int]] = {
+    "self_attn.q_proj": ("q", 0),
+    "self_attn.k_proj": ("kv", 0),
+    "self_attn.v_proj": ("kv", 0),
+    "self_attn.o_proj": ("q", 1),
+    "mlp.gate_proj": ("ffn", 0),
+    "mlp.up_proj": ("ffn", 0),
+    "mlp.down_proj": ("ffn", 1),
+}
+"""The one table of which slices a group touches: each linear of a decoder block -> (the unit
+whose slices it carries, the weight dim that indexes that unit). Query heads (``q``) and KV heads
+(``kv``) are ``head_dim`` consecutive features each. The other dim of every projection is the
+hidden width; a bias (dim 0 only) goes with whichever of the two its dim 0 is. ``coupled_slices``,
+physical removal (``prune``), saliency and compensation all read this table."""
+
+
+def hidden_dim(projection: str) -> int:
+    """The weight dim of ``projection`` that is the model's hidden width."""
+    return 1 - PROJECTIONS[projection][1]
+
+
+def unit_projections(unit: Unit, dim: int | None = None) -> list[str]:
+    """The projections carrying ``unit`` (those indexing it along ``dim`` only, if given)."""
+    return [n for n, (u, d) in PROJECTIONS.items() if u == unit and dim in (None, d)]
 
 
 def head_rows(heads: tuple[int, ...] | list[int], head_dim: int) -> tuple[int, ...]:
@@ -169,16 +195,10 @@ def coupled_slices(shape: ModelShape, group: Group) -> list[Slice]:
                 Slice(p + n, 0, u)
                 for n in ("input_layernorm.weight", "post_attention_layernorm.weight")
             ]
-            out += [Slice(p + f"self_attn.{n}_proj.weight", 1, u) for n in "qkv"]
-            out += [Slice(p + f"mlp.{n}_proj.weight", 1, u) for n in ("gate", "up")]
-            out += [
-                Slice(p + "self_attn.o_proj.weight", 0, u),
-                Slice(p + "mlp.down_proj.weight", 0, u),
-            ]
-            if shape.o_bias:
-                out.append(Slice(p + "self_attn.o_proj.bias", 0, u))
-            if shape.mlp_bias:
-                out.append(Slice(p + "mlp.down_proj.bias", 0, u))
+            for proj in PROJECTIONS:
+                out.append(Slice(p + proj + ".weight", hidden_dim(proj), u))
+                if hidden_dim(proj) == 0 and _has_bias(shape, proj):
+                    out.append(Slice(p + proj + ".bias", 0, u))
         return out
     assert group.layer is not None
     p = f"model.layers.{group.layer}."
@@ -186,25 +206,28 @@ def coupled_slices(shape: ModelShape, group: Group) -> list[Slice]:
     if group.kind == "layer":
         return [Slice(p + "*", 0, ())]
     if group.kind == "ffn":
-        out = [
-            Slice(p + "mlp.gate_proj.weight", 0, u),
-            Slice(p + "mlp.up_proj.weight", 0, u),
-            Slice(p + "mlp.down_proj.weight", 1, u),
-        ]
-        if shape.mlp_bias:
-            out += [Slice(p + "mlp.gate_proj.bias", 0, u), Slice(p + "mlp.up_proj.bias", 0, u)]
-        return out
+        return _unit_slices(shape, p, "ffn", u)
     heads = u if group.kind == "qhead" else query_heads_of(u[0], ly)
-    q_rows = head_rows(heads, shape.head_dim)
-    out = [
-        Slice(p + "self_attn.q_proj.weight", 0, q_rows),
-        Slice(p + "self_attn.o_proj.weight", 1, q_rows),
-    ]
-    if shape.qkv_bias:
-        out.append(Slice(p + "self_attn.q_proj.bias", 0, q_rows))
+    out = _unit_slices(shape, p, "q", head_rows(heads, shape.head_dim))
     if group.kind == "kvgroup":
-        kv_rows = head_rows(u, shape.head_dim)
-        out += [Slice(p + f"self_attn.{n}_proj.weight", 0, kv_rows) for n in "kv"]
-        if shape.qkv_bias:
-            out += [Slice(p + f"self_attn.{n}_proj.bias", 0, kv_rows) for n in "kv"]
+        out += _unit_slices(shape, p, "kv", head_rows(u, shape.head_dim))
+    return out
+
+
+def _has_bias(shape: ModelShape, projection: str) -> bool:
+    if projection in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        return shape.qkv_bias
+    if projection == "self_attn.o_proj":
+        return shape.o_bias
+    return shape.mlp_bias
+
+
+def _unit_slices(shape: ModelShape, prefix: str, unit: Unit, index: tuple[int, ...]) -> list[Slice]:
+    """The slices of features ``index`` of ``unit`` in the block at ``prefix``."""
+    out = []
+    for proj in unit_projections(unit):
+        dim = PROJECTIONS[proj][1]
+        out.append(Slice(prefix + proj + ".weight", dim, index))
+        if dim == 0 and _has_bias(shape, proj):
+            out.append(Slice(prefix + proj + ".bias", 0, index))
     return out

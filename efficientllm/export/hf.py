@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from efficientllm.choices import ExportFormat
 from efficientllm.errors import ExportError
 from efficientllm.modeling import (
     EfficientLLMForCausalLM,
@@ -31,7 +32,6 @@ from efficientllm.modeling import (
 
 logger = logging.getLogger(__name__)
 
-ExportFormat = Literal["auto", "efficientllm", "family"]
 FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 AUTO_MAP = {
     "AutoConfig": "configuration_efficientllm.EfficientLLMConfig",
@@ -127,7 +127,7 @@ def _write_model(model: EfficientLLMForCausalLM, tmp: Path, fmt: str) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     cfg = model.config
     if fmt == "efficientllm":
-        code_dir = Path(__file__).parent / "modeling"
+        code_dir = Path(__file__).parents[1] / "modeling"
         for name in _CODE_FILES:
             shutil.copyfile(code_dir / name, tmp / name)
         data = json.loads((tmp / "config.json").read_text())

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
-Trajectory = Literal["linear", "cubic"]
+from efficientllm.choices import Trajectory
+
+if TYPE_CHECKING:
+    from efficientllm.config import TrainConfig
 
 
 def target_params(
@@ -42,7 +45,7 @@ def cosine_lr(step: int, *, total: int, peak: float, warmup: int, min_ratio: flo
 
 
 @dataclass(frozen=True, kw_only=True)
-class Plan:
+class StepPlan:
     """Step boundaries of a run, from token counts and the step size."""
 
     tokens_per_step: int
@@ -62,7 +65,7 @@ class Plan:
         prune_fraction: float,
         prune: bool = True,
         trajectory: Trajectory = "linear",
-    ) -> Plan:
+    ) -> StepPlan:
         """``prune=False``: no pruning phase; every step trains the fixed shape (recovery)."""
         total = max(1, total_tokens // tokens_per_step)
         if not prune:
@@ -95,3 +98,22 @@ class Plan:
             prune_tokens=(self.prune_end_step - self.prune_start_step) * self.tokens_per_step,
             trajectory=self.trajectory,
         )
+
+
+def learning_rate(step: int, plan: StepPlan, train: TrainConfig) -> float:
+    """LR of optimizer step ``step``. continuous: one warmup + cosine over the run; rewarm: one
+    over the pruning phase, then a fresh one at ``recovery_lr`` over recovery."""
+    end = plan.prune_end_step
+    if train.lr_schedule == "continuous":
+        start, total, peak = 0, plan.total_steps, train.lr
+    elif step < end:
+        start, total, peak = 0, end, train.lr
+    else:
+        start, total, peak = end, plan.total_steps - end, train.recovery_lr
+    return cosine_lr(
+        step - start,
+        total=total,
+        peak=peak,
+        warmup=train.warmup_steps,
+        min_ratio=train.min_lr_ratio,
+    )

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from efficientllm.config import DataConfig
-from efficientllm.data import (
+from efficientllm.training.data import (
     Document,
     load_hub_dataset,
     pack_blocks,

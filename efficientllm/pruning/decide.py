@@ -21,9 +21,9 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from efficientllm.budget import Granularity, effective_multiple
 from efficientllm.errors import BudgetInfeasibleError
-from efficientllm.groups import Group, GroupKind, group_cost, shape_after
+from efficientllm.pruning.budget import Granularity, effective_multiple
+from efficientllm.pruning.groups import Group, GroupKind, group_cost, shape_after
 from efficientllm.shape import ModelShape
 
 

@@ -44,8 +44,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from efficientllm.decide import Drops
-from efficientllm.groups import head_rows
+from efficientllm.pruning.decide import Drops
+from efficientllm.pruning.groups import head_rows
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,19 @@ class Compensator:
             raise ValueError(f"unknown compensation kinds {sorted(unknown)}; use {ALL_KINDS}")
         self._stats: dict[nn.Module, _Stat] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @classmethod
+    def for_group_kinds(cls, kinds: Iterable[str]) -> Compensator:
+        """A compensator tracking the consumers of the group kinds that may be removed."""
+        kinds = set(kinds)
+        tracked: list[CompensationKind] = []
+        if {"qhead", "kvgroup"} & kinds:
+            tracked.append("head")
+        if "ffn" in kinds:
+            tracked.append("ffn")
+        if "hidden" in kinds:
+            tracked.append("hidden")
+        return cls(kinds=tracked)
 
     # -- statistics -----------------------------------------------------------------------------
 
