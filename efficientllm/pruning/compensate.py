@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from efficientllm.pruning.decide import Drops
-from efficientllm.pruning.groups import head_rows
+from efficientllm.pruning.groups import consumer, head_rows, hidden_readers
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +127,12 @@ class Compensator:
         """The linear layers whose inputs are recorded (q_proj stands for q/k/v, gate for up)."""
         out: list[nn.Linear] = []
         for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
             if "head" in self.kinds:
-                out.append(attn.o_proj)
+                out.append(layer.get_submodule(consumer("q")))
             if "ffn" in self.kinds:
-                out.append(mlp.down_proj)
-            if "hidden" in self.kinds:
-                out += [attn.q_proj, mlp.gate_proj]
+                out.append(layer.get_submodule(consumer("ffn")))
+            if "hidden" in self.kinds:  # one stand-in per shared input
+                out += [layer.get_submodule(names[0]) for names in hidden_readers().values()]
         return out
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
@@ -181,13 +180,15 @@ class Compensator:
         old_index = [i for i in range(n_old) if i not in drops.layers]
         kept: dict[nn.Module, _Stat] = {}
         for j, layer in enumerate(model.model.layers):
-            i, attn, mlp = old_index[j], layer.self_attn, layer.mlp
+            i, attn = old_index[j], layer.self_attn
             removed = {
-                attn.o_proj: head_rows(sorted(drops.q.get(i, ())), attn.head_dim),
-                mlp.down_proj: sorted(drops.ffn.get(i, ())),
-                attn.q_proj: sorted(drops.hidden),
-                mlp.gate_proj: sorted(drops.hidden),
+                layer.get_submodule(consumer("q")): head_rows(
+                    sorted(drops.q.get(i, ())), attn.head_dim
+                ),
+                layer.get_submodule(consumer("ffn")): sorted(drops.ffn.get(i, ())),
             }
+            for names in hidden_readers().values():
+                removed[layer.get_submodule(names[0])] = sorted(drops.hidden)
             for module, cols in removed.items():
                 s = self._stats.get(module)
                 if s is None or s.h is None:
@@ -245,7 +246,7 @@ class Compensator:
         for i, layer in enumerate(model.model.layers):
             if i in drops.layers:
                 continue
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             p = f"model.layers.{i}."
             if "head" in self.kinds:
                 heads = set(drops.q.get(i, ()))
@@ -256,17 +257,15 @@ class Compensator:
                     )
                     heads |= {h for k in kv for h in range(k * group, (k + 1) * group)}
                 cols = head_rows(sorted(heads), attn.head_dim)
-                o_name = p + "self_attn.o_proj"
-                self._update(o_name, attn.o_proj, [(o_name, attn.o_proj)], cols, damp, done)
+                o = layer.get_submodule(consumer("q"))
+                o_name = p + consumer("q")
+                self._update(o_name, o, [(o_name, o)], cols, damp, done)
             if "ffn" in self.kinds:
-                d_name = p + "mlp.down_proj"
+                d, d_name = layer.get_submodule(consumer("ffn")), p + consumer("ffn")
                 cols = drops.ffn.get(i, ())
-                self._update(d_name, mlp.down_proj, [(d_name, mlp.down_proj)], cols, damp, done)
+                self._update(d_name, d, [(d_name, d)], cols, damp, done)
             if "hidden" in self.kinds and drops.hidden:
-                qkv = [
-                    (p + f"self_attn.{n}", getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")
-                ]
-                gu = [(p + f"mlp.{n}", getattr(mlp, n)) for n in ("gate_proj", "up_proj")]
-                self._update(qkv[0][0], attn.q_proj, qkv, drops.hidden, damp, done)
-                self._update(gu[0][0], mlp.gate_proj, gu, drops.hidden, damp, done)
+                for names in hidden_readers().values():  # readers sharing one input: one H
+                    mods = [(p + n, layer.get_submodule(n)) for n in names]
+                    self._update(mods[0][0], mods[0][1], mods, drops.hidden, damp, done)
         return done

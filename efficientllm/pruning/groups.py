@@ -73,6 +73,23 @@ def unit_projections(unit: Unit, dim: int | None = None) -> list[str]:
     return [n for n, (u, d) in PROJECTIONS.items() if u == unit and dim in (None, d)]
 
 
+def consumer(unit: Unit) -> str:
+    """The projection that reads ``unit`` as its input (o_proj for query heads, down_proj for
+    FFN channels): the layer that OBS compensation updates when the unit goes."""
+    (name,) = unit_projections(unit, dim=1)
+    return name
+
+
+def hidden_readers() -> dict[str, list[str]]:
+    """The projections reading the hidden state, grouped by the module whose input they share
+    (``self_attn``: q/k/v, ``mlp``: gate/up)."""
+    out: dict[str, list[str]] = {}
+    for name in PROJECTIONS:
+        if hidden_dim(name) == 1:
+            out.setdefault(name.partition(".")[0], []).append(name)
+    return out
+
+
 def head_rows(heads: tuple[int, ...] | list[int], head_dim: int) -> tuple[int, ...]:
     """Row indices of the given heads in a [heads*head_dim, ...] projection."""
     return tuple(h * head_dim + i for h in heads for i in range(head_dim))

@@ -22,7 +22,16 @@ import torch
 from torch import nn
 
 from efficientllm.pruning.decide import Drops
-from efficientllm.pruning.groups import Group, head_rows, query_heads_of, validate_group
+from efficientllm.pruning.groups import (
+    PROJECTIONS,
+    Group,
+    Unit,
+    head_rows,
+    hidden_dim,
+    query_heads_of,
+    unit_projections,
+    validate_group,
+)
 from efficientllm.shape import LayerShape, ModelShape
 
 log = logging.getLogger(__name__)
@@ -70,32 +79,33 @@ def _set_linear(lin: nn.Linear) -> None:
     lin.out_features, lin.in_features = lin.weight.shape
 
 
+def _cut_unit_(block: nn.Module, unit: Unit, keep: torch.Tensor, cut: _Slicer) -> None:
+    """Keep features ``keep`` of ``unit`` in every projection of ``block`` (an attention or MLP
+    module) that carries it, as ``groups.PROJECTIONS`` says."""
+    prefix = "self_attn." if unit in ("q", "kv") else "mlp."
+    for name in unit_projections(unit):
+        lin, dim = block.get_submodule(name.removeprefix(prefix)), PROJECTIONS[name][1]
+        cut(lin.weight, dim, keep)
+        if dim == 0:
+            cut(lin.bias, 0, keep)
+        _set_linear(lin)
+
+
 def _prune_attention_(attn: nn.Module, q_drop: set[int], kv_drop: set[int], cut: _Slicer) -> None:
     hd = attn.head_dim
     n_heads = attn.q_proj.out_features // hd
     n_kv = attn.k_proj.out_features // hd
     q_keep = _keep(n_heads * hd, head_rows(sorted(q_drop), hd))
     kv_keep = _keep(n_kv * hd, head_rows(sorted(kv_drop), hd))
-    cut(attn.q_proj.weight, 0, q_keep)
-    cut(attn.q_proj.bias, 0, q_keep)
-    cut(attn.o_proj.weight, 1, q_keep)
-    for lin in (attn.k_proj, attn.v_proj):
-        cut(lin.weight, 0, kv_keep)
-        cut(lin.bias, 0, kv_keep)
-    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-        _set_linear(lin)
+    _cut_unit_(attn, "q", q_keep, cut)
+    _cut_unit_(attn, "kv", kv_keep, cut)
     new_heads, new_kv = n_heads - len(q_drop), n_kv - len(kv_drop)
     attn.num_key_value_groups = new_heads // new_kv
 
 
 def _prune_mlp_(mlp: nn.Module, drop: set[int], cut: _Slicer) -> None:
     keep = _keep(mlp.gate_proj.out_features, drop)
-    for lin in (mlp.gate_proj, mlp.up_proj):
-        cut(lin.weight, 0, keep)
-        cut(lin.bias, 0, keep)
-    cut(mlp.down_proj.weight, 1, keep)
-    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-        _set_linear(lin)
+    _cut_unit_(mlp, "ffn", keep, cut)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = mlp.gate_proj.out_features
 
@@ -122,16 +132,14 @@ def _prune_hidden_(model: nn.Module, drop: set[int], cut: _Slicer, rescale_norms
             cut.scale_(norm.weight, math.sqrt(d_old / d_new))
             norm.variance_epsilon *= d_old / d_new
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            cut(lin.weight, 1, keep)
+        for name in PROJECTIONS:
+            lin, dim = layer.get_submodule(name), hidden_dim(name)
+            cut(lin.weight, dim, keep)
+            if dim == 0:
+                cut(lin.bias, 0, keep)
             _set_linear(lin)
-        for lin in (attn.o_proj, mlp.down_proj):
-            cut(lin.weight, 0, keep)
-            cut(lin.bias, 0, keep)
-            _set_linear(lin)
-        if hasattr(mlp, "hidden_size"):
-            mlp.hidden_size = d_new
+        if hasattr(layer.mlp, "hidden_size"):
+            layer.mlp.hidden_size = d_new
 
 
 def _drop_from_optimizer(optimizer: torch.optim.Optimizer | None, module: nn.Module) -> None:

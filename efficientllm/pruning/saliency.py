@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from efficientllm.choices import SCORERS, Fisher, SaliencyKind, SaliencyMode, Scorer
 from efficientllm.errors import ConfigError
-from efficientllm.pruning.groups import unit_cost
+from efficientllm.pruning.groups import PROJECTIONS, unit_cost
 from efficientllm.shape import ModelShape
 
 Gen = torch.Generator | None
@@ -141,10 +141,8 @@ def _element_scorer(
     return score
 
 
-# projection -> (unit it belongs to, whether that unit indexes its output rows)
-_ROLES = {k: (u, True) for k, u in (("q_proj", "q"), ("k_proj", "kv"), ("v_proj", "kv"))}
-_ROLES |= {"gate_proj": ("ffn", True), "up_proj": ("ffn", True)}
-_ROLES |= {"o_proj": ("q", False), "down_proj": ("ffn", False)}
+# projection short name -> (unit it belongs to, whether that unit indexes its output rows)
+_ROLES = {name.rpartition(".")[2]: (u, dim == 0) for name, (u, dim) in PROJECTIONS.items()}
 
 
 def _layer_scores(block: nn.Module, score: Callable[[nn.Parameter], Tensor], hidden: Tensor):
