@@ -1,0 +1,5 @@
+"""``python -m efficientllm.cli`` = ``efficientllm``."""
+
+from efficientllm.cli import main
+
+main()
