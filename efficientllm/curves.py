@@ -19,6 +19,6 @@ LEGACY_KEYS: dict[str, SaliencyKind] = {"head": "qhead"}
 def saliency_curves(saliency: Mapping[str, float] | None) -> dict[str, float]:
     """An event's ``saliency`` keyed by group kind (legacy keys mapped; a current key wins)."""
     given = dict(saliency or {})
-    out = {LEGACY_KEYS[k]: v for k, v in given.items() if k in LEGACY_KEYS}
+    out: dict[str, float] = {LEGACY_KEYS[k]: v for k, v in given.items() if k in LEGACY_KEYS}
     out.update((k, v) for k, v in given.items() if k not in LEGACY_KEYS)
     return out

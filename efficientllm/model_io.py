@@ -144,13 +144,14 @@ def load_model(source: str | Path, *, dtype: Any = None, device: Any = None):
             "can run code). Convert with `model.save_pretrained(dir, safe_serialization=True)`"
         )
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             name,
             dtype=dtype or torch.float32,
             trust_remote_code=False,
             use_safetensors=True,
             output_loading_info=True,
         )
+        model, info = loaded
     except Exception as err:  # missing, truncated or malformed files: one clear line, no trace
         log.debug("loading %s failed", name, exc_info=True)
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from enum import Enum
 from functools import cache, wraps
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar
 
 import typer
 
-from efficientllm.choices import GRANULARITIES
+from efficientllm.choices import EXPORT_FORMATS, GRANULARITIES, SCORERS
 from efficientllm.config import BudgetConfig, ModelConfig, field_docs
 from efficientllm.errors import EfficientLLMError
 from efficientllm.shape import ModelShape
@@ -66,9 +66,17 @@ def plain(value: Any) -> Any:
     return value
 
 
-Granularity = choice("Granularity", GRANULARITIES)
+if TYPE_CHECKING:  # the type checker sees the strings the Enums stand for
+    GranularityChoice: TypeAlias = str
+    ScorerChoice: TypeAlias = str
+    FormatChoice: TypeAlias = str
+else:
+    GranularityChoice = choice("Granularity", GRANULARITIES)
+    ScorerChoice = choice("Scorer", SCORERS)
+    FormatChoice = choice("ExportFormat", EXPORT_FORMATS)
+
 GranOpt = Annotated[
-    Granularity,
+    GranularityChoice,
     typer.Option(
         "--granularity",
         "-g",

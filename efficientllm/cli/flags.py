@@ -78,14 +78,16 @@ def _flag(path: str, names: list[str], hint: Any, default: Any, doc: str) -> Fla
 
 def run_config_flags() -> list[Flag]:
     """One flag per ``RunConfig`` field, in the order of the config."""
+    hints_top = get_type_hints(RunConfig)
     sections = [
-        f for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)
+        f for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints_top[f.name])
     ]
-    per_section = {s.name: dataclasses.fields(s.default_factory) for s in sections}
+    classes: dict[str, Any] = {s.name: hints_top[s.name] for s in sections}
+    per_section = {name: dataclasses.fields(cls) for name, cls in classes.items()}
     counts = Counter(f.name for fs in per_section.values() for f in fs)
     flags = []
     for section in sections:
-        cls = section.default_factory
+        cls = classes[section.name]
         hints, docs, default = get_type_hints(cls), field_docs(cls), cls()
         for f in per_section[section.name]:
             path = f"{section.name}.{f.name}"

@@ -9,14 +9,14 @@ from typing import Annotated
 
 import typer
 
-from efficientllm.choices import EXPORT_FORMATS, SCORERS
 from efficientllm.cli.common import (
     BudgetOpt,
     FfnMulOpt,
+    FormatChoice,
     GranOpt,
     HiddenMulOpt,
     ModelOpt,
-    choice,
+    ScorerChoice,
     doc,
     friendly,
     layer_rows,
@@ -100,9 +100,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         granularity: GranOpt = "global",
         scorer: Annotated[
-            choice("Scorer", SCORERS),
+            ScorerChoice,
             typer.Option(help=doc(SaliencyConfig, "scorer")),
-        ] = "taylor1",  # type: ignore[assignment]
+        ] = "taylor1",
         calib_batches: Annotated[
             int, typer.Option(help="Calibration batches to score groups on.", min=1)
         ] = 8,
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
         hidden_multiple: HiddenMulOpt = 8,
         ffn_multiple: FfnMulOpt = 8,
         fmt: Annotated[
-            choice("ExportFormat", EXPORT_FORMATS),
+            FormatChoice,
             typer.Option("--format", help=doc(ExportConfig, "format")),
         ] = "auto",
         seed: Annotated[int, typer.Option(help="Seed for the document split and block order.")] = 0,

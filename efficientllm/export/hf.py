@@ -81,8 +81,10 @@ def family_blockers(model: EfficientLLMForCausalLM) -> tuple[list[str], list[str
     except Exception as err:  # any validation failure blocks the family format
         hard.append(f"the {cfg.base_model_type} config rejects this shape: {err}")
     soft: list[str] = []
-    if cfg.base_model_type == "qwen3" and not math.isclose(
-        cfg.head_norm_eps, cfg.rms_norm_eps, rel_tol=1e-9, abs_tol=0.0
+    if (
+        cfg.base_model_type == "qwen3"
+        and cfg.head_norm_eps is not None
+        and not math.isclose(cfg.head_norm_eps, cfg.rms_norm_eps, rel_tol=1e-9, abs_tol=0.0)
     ):
         soft.append(
             f"q/k-norm eps {cfg.head_norm_eps:g} differs from rms_norm_eps {cfg.rms_norm_eps:g}"
@@ -95,7 +97,7 @@ def _as_efficientllm(model: PreTrainedModel) -> EfficientLLMForCausalLM:
         sync_config_(model)
         return model
     if type(model).__name__ == "EfficientLLMForCausalLM":
-        return model  # loaded through remote code: a different class object
+        return model  # type: ignore[return-value]  # loaded through remote code: another class
     if getattr(model.config, "model_type", None) in (
         "llama",
         "mistral",
@@ -106,7 +108,9 @@ def _as_efficientllm(model: PreTrainedModel) -> EfficientLLMForCausalLM:
     raise ExportError(f"cannot export a {type(model).__name__}; expected a Llama-style causal LM")
 
 
-def _choose_format(model: EfficientLLMForCausalLM, fmt: ExportFormat, verify: bool) -> str:
+def _choose_format(
+    model: EfficientLLMForCausalLM, fmt: ExportFormat, verify: bool
+) -> Literal["efficientllm", "family"]:
     if fmt not in ("auto", "efficientllm", "family"):
         raise ExportError(f"unknown export format {fmt!r}; use auto, efficientllm or family")
     if fmt == "efficientllm":
@@ -183,7 +187,8 @@ def _verify(model: EfficientLLMForCausalLM, tmp: Path) -> float:
     finally:
         model.train(was_training)
     impl = model.config._attn_implementation
-    reloaded = load_exported(tmp, attn_implementation=impl).to(device).eval()
+    reloaded: Any = load_exported(tmp, attn_implementation=impl)
+    reloaded = reloaded.to(device).eval()
     got = reloaded(ids, use_cache=False).logits.float()
     if got.shape != ref.shape:
         raise ExportError(f"reloaded logits have shape {tuple(got.shape)}, not {tuple(ref.shape)}")

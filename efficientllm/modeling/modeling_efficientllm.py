@@ -12,7 +12,7 @@ beside exported weights and loaded with ``trust_remote_code=True``.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,7 +73,7 @@ class EfficientLLMPreTrainedModel(PreTrainedModel):
     config: EfficientLLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules: ClassVar[list[str]] = [cls.__name__ for _, cls in FAMILY_MODULES.values()]
+    _no_split_modules = [cls.__name__ for _, cls in FAMILY_MODULES.values()]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -83,7 +83,7 @@ class EfficientLLMPreTrainedModel(PreTrainedModel):
 class EfficientLLMForCausalLM(EfficientLLMPreTrainedModel, GenerationMixin):
     """Causal LM with per-layer query heads, KV heads and FFN width."""
 
-    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: EfficientLLMConfig) -> None:
         super().__init__(config)
@@ -137,6 +137,8 @@ class EfficientLLMForCausalLM(EfficientLLMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        assert hidden_states is not None
+        keep: slice | torch.Tensor
         if isinstance(logits_to_keep, int):
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         else:
@@ -195,7 +197,7 @@ class EfficientLLMForCausalLM(EfficientLLMPreTrainedModel, GenerationMixin):
         return new
 
 
-def _layer_type(cfg: PretrainedConfig, layer: nn.Module) -> str:
+def _layer_type(cfg: PretrainedConfig, layer: Any) -> str:
     """The attention type of a decoder layer, read off the layer or its own config."""
     attn = layer.self_attn
     kind = getattr(attn, "layer_type", None) or getattr(layer, "attention_type", None)

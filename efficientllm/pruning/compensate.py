@@ -46,6 +46,7 @@ from torch import nn
 
 from efficientllm.pruning.decide import Drops
 from efficientllm.pruning.groups import consumer, head_rows, hidden_readers
+from efficientllm.types import LlamaLike
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class Compensator:
 
     # -- statistics -----------------------------------------------------------------------------
 
-    def _tracked(self, model: nn.Module) -> list[nn.Linear]:
+    def _tracked(self, model: LlamaLike) -> list[nn.Linear]:
         """The linear layers whose inputs are recorded (q_proj stands for q/k/v, gate for up)."""
         out: list[nn.Linear] = []
         for layer in model.model.layers:
@@ -135,7 +136,7 @@ class Compensator:
                 out += [layer.get_submodule(names[0]) for names in hidden_readers().values()]
         return out
 
-    def _hook(self, module: nn.Module, args: tuple) -> None:
+    def _hook(self, module: LlamaLike, args: tuple) -> None:
         if not torch.is_grad_enabled() or not args:  # evaluation / generation forwards
             return
         x = args[0]
@@ -148,7 +149,7 @@ class Compensator:
             stat.h.addmm_(x.T, x)
             stat.tokens += x.shape[0]
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: LlamaLike) -> None:
         """Register forward pre-hooks on the consumer layers of ``model`` (an
         ``EfficientLLMForCausalLM``); H accumulates only in forwards with grad enabled."""
         if self._handles:
@@ -166,12 +167,12 @@ class Compensator:
         """Forget every accumulated H (e.g. after a pruning event)."""
         self._stats.clear()
 
-    def stat(self, module: nn.Module) -> tuple[torch.Tensor | None, int]:
+    def stat(self, module: LlamaLike) -> tuple[torch.Tensor | None, int]:
         """(H, tokens) recorded for ``module``'s inputs (None, 0 when nothing was recorded)."""
         s = self._stats.get(module)
         return (None, 0) if s is None else (s.h, s.tokens)
 
-    def select_(self, model: nn.Module, drops: Drops) -> None:
+    def select_(self, model: LlamaLike, drops: Drops) -> None:
         """Instead of ``reset``: after ``apply_drops_(model, …, drops)``, keep H[R, R] of the
         surviving inputs (exact for heads/FFN channels, an approximation for hidden channels) so
         that a further removal in the same pruning event is compensated too. Statistics of
@@ -238,7 +239,7 @@ class Compensator:
             done.append(cname)
 
     @torch.no_grad()
-    def compensate_(self, model: nn.Module, drops: Drops, *, damp: float = 0.01) -> list[str]:
+    def compensate_(self, model: LlamaLike, drops: Drops, *, damp: float = 0.01) -> list[str]:
         """Apply ΔW in place to every consumer of what ``drops`` removes (indices of the current
         model), BEFORE ``apply_drops_``. Layers in ``drops.layers`` are skipped; kinds that are
         not tracked are left alone. Returns the names of the updated linear layers."""
@@ -262,8 +263,8 @@ class Compensator:
                 self._update(o_name, o, [(o_name, o)], cols, damp, done)
             if "ffn" in self.kinds:
                 d, d_name = layer.get_submodule(consumer("ffn")), p + consumer("ffn")
-                cols = drops.ffn.get(i, ())
-                self._update(d_name, d, [(d_name, d)], cols, damp, done)
+                channels = tuple(sorted(drops.ffn.get(i, ())))
+                self._update(d_name, d, [(d_name, d)], channels, damp, done)
             if "hidden" in self.kinds and drops.hidden:
                 for names in hidden_readers().values():  # readers sharing one input: one H
                     mods = [(p + n, layer.get_submodule(n)) for n in names]

@@ -196,6 +196,7 @@ def _apply(st: _State, shape: ModelShape, removal: Removal) -> ModelShape:
         if g.kind == "hidden":
             st.hidden_rank.remove(g.units, d.hidden)
         else:
+            assert g.layer is not None  # validated: every other kind names its layer
             orig = st.layer_alive[g.layer]
             ly = shape.layers[g.layer]
             if g.kind == "ffn":

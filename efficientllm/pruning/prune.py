@@ -33,6 +33,7 @@ from efficientllm.pruning.groups import (
     validate_group,
 )
 from efficientllm.shape import LayerShape, ModelShape
+from efficientllm.types import LlamaLike
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _set_linear(lin: nn.Linear) -> None:
     lin.out_features, lin.in_features = lin.weight.shape
 
 
-def _cut_unit_(block: nn.Module, unit: Unit, keep: torch.Tensor, cut: _Slicer) -> None:
+def _cut_unit_(block: LlamaLike, unit: Unit, keep: torch.Tensor, cut: _Slicer) -> None:
     """Keep features ``keep`` of ``unit`` in every projection of ``block`` (an attention or MLP
     module) that carries it, as ``groups.PROJECTIONS`` says."""
     prefix = "self_attn." if unit in ("q", "kv") else "mlp."
@@ -91,7 +92,7 @@ def _cut_unit_(block: nn.Module, unit: Unit, keep: torch.Tensor, cut: _Slicer) -
         _set_linear(lin)
 
 
-def _prune_attention_(attn: nn.Module, q_drop: set[int], kv_drop: set[int], cut: _Slicer) -> None:
+def _prune_attention_(attn: LlamaLike, q_drop: set[int], kv_drop: set[int], cut: _Slicer) -> None:
     hd = attn.head_dim
     n_heads = attn.q_proj.out_features // hd
     n_kv = attn.k_proj.out_features // hd
@@ -103,22 +104,22 @@ def _prune_attention_(attn: nn.Module, q_drop: set[int], kv_drop: set[int], cut:
     attn.num_key_value_groups = new_heads // new_kv
 
 
-def _prune_mlp_(mlp: nn.Module, drop: set[int], cut: _Slicer) -> None:
+def _prune_mlp_(mlp: LlamaLike, drop: set[int], cut: _Slicer) -> None:
     keep = _keep(mlp.gate_proj.out_features, drop)
     _cut_unit_(mlp, "ffn", keep, cut)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = mlp.gate_proj.out_features
 
 
-def _hidden_norms(model: nn.Module) -> list[nn.Module]:
+def _hidden_norms(model: LlamaLike) -> list[LlamaLike]:
     norms = [model.model.norm]
     for layer in model.model.layers:
         norms += [layer.input_layernorm, layer.post_attention_layernorm]
     return norms
 
 
-def _prune_hidden_(model: nn.Module, drop: set[int], cut: _Slicer, rescale_norms: bool) -> None:
-    emb: nn.Embedding = model.model.embed_tokens
+def _prune_hidden_(model: LlamaLike, drop: set[int], cut: _Slicer, rescale_norms: bool) -> None:
+    emb = model.model.embed_tokens
     d_old = emb.embedding_dim
     keep = _keep(d_old, drop)
     d_new = len(keep)
@@ -142,7 +143,7 @@ def _prune_hidden_(model: nn.Module, drop: set[int], cut: _Slicer, rescale_norms
             layer.mlp.hidden_size = d_new
 
 
-def _drop_from_optimizer(optimizer: torch.optim.Optimizer | None, module: nn.Module) -> None:
+def _drop_from_optimizer(optimizer: torch.optim.Optimizer | None, module: LlamaLike) -> None:
     if optimizer is None:
         return
     gone = {id(p) for p in module.parameters()}
@@ -160,7 +161,9 @@ def drops_from_groups(shape: ModelShape, groups: Iterable[Group]) -> Drops:
         validate_group(shape, g)
         if g.kind == "hidden":
             d.hidden.update(g.units)
-        elif g.kind == "layer":
+            continue
+        assert g.layer is not None  # validated: every other kind names its layer
+        if g.kind == "layer":
             d.layers.add(g.layer)
         elif g.kind == "ffn":
             d.ffn.setdefault(g.layer, set()).update(g.units)
@@ -172,13 +175,13 @@ def drops_from_groups(shape: ModelShape, groups: Iterable[Group]) -> Drops:
     return d
 
 
-def prune_(model: nn.Module, shape: ModelShape, groups: Iterable[Group], **kwargs) -> ModelShape:
+def prune_(model: LlamaLike, shape: ModelShape, groups: Iterable[Group], **kwargs) -> ModelShape:
     """Remove ``groups`` (indices of the current model) in place; see ``apply_drops_``."""
     return apply_drops_(model, shape, drops_from_groups(shape, groups), **kwargs)
 
 
 def apply_drops_(
-    model: nn.Module,
+    model: LlamaLike,
     shape: ModelShape,
     drops: Drops,
     *,
@@ -234,7 +237,7 @@ def _check_result(shape: ModelShape, drops: Drops) -> ModelShape:
         kv = ly.num_kv_heads - len(drops.kv.get(i, ()))
         if kv < 1 or heads < kv:
             raise ValueError(f"layer {i}: the removal leaves no attention head")
-        per_group = defaultdict(int)
+        per_group: defaultdict[int, int] = defaultdict(int)
         for h in range(ly.num_heads):
             if h not in q_drop.get(i, ()):
                 per_group[h // ly.heads_per_group] += 1

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from efficientllm.choices import SCORERS, Fisher, SaliencyKind, SaliencyMode, Scorer
+from efficientllm.choices import SCORERS, Fisher, SaliencyMode, Scorer
 from efficientllm.errors import ConfigError
 from efficientllm.pruning.groups import PROJECTIONS, unit_cost
 from efficientllm.shape import ModelShape
+from efficientllm.types import LlamaLike
 
 Gen = torch.Generator | None
 Optimizer = torch.optim.Optimizer
@@ -85,8 +86,8 @@ class UnitScores:
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> UnitScores:
         """A new ``UnitScores`` with ``fn`` applied to every tensor."""
-        lists = ([fn(t) for t in ts] for ts in (self.q_head, self.kv_head, self.ffn))
-        return UnitScores(*lists, hidden=fn(self.hidden), layer=fn(self.layer))
+        q, kv, ffn = ([fn(t) for t in ts] for ts in (self.q_head, self.kv_head, self.ffn))
+        return UnitScores(q, kv, ffn, hidden=fn(self.hidden), layer=fn(self.layer))
 
     def clone(self) -> UnitScores:
         return self.map(torch.clone)
@@ -96,15 +97,16 @@ class UnitScores:
         return [*self.q_head, *self.kv_head, *self.ffn, self.hidden, self.layer]
 
 
-def mean_normalised_saliency(scores: UnitScores, shape: ModelShape) -> dict[SaliencyKind, float]:
+def mean_normalised_saliency(scores: UnitScores, shape: ModelShape) -> dict[str, float]:
     """Mean saliency per parameter of each group kind (the paper's trajectory plot), keyed by
     the curve names the Monitor plots."""
     per_qhead = 2 * shape.head_dim * shape.hidden_size
-    return {
+    out: dict[str, float] = {  # keys: SALIENCY_KINDS
         "qhead": float(torch.cat(scores.q_head).mean()) / per_qhead,
         "ffn": float(torch.cat(scores.ffn).mean()) / unit_cost(shape, "ffn", 0),
         "hidden": float(scores.hidden.mean()) / unit_cost(shape, "hidden"),
     }
+    return out
 
 
 def _element_scorer(
@@ -145,7 +147,7 @@ def _element_scorer(
 _ROLES = {name.rpartition(".")[2]: (u, dim == 0) for name, (u, dim) in PROJECTIONS.items()}
 
 
-def _layer_scores(block: nn.Module, score: Callable[[nn.Parameter], Tensor], hidden: Tensor):
+def _layer_scores(block: LlamaLike, score: Callable[[nn.Parameter], Tensor], hidden: Tensor):
     """(q, kv, ffn, total) of one decoder block; adds its hidden-channel sums to ``hidden``."""
     attn, dev = block.self_attn, hidden.device
     hd = int(attn.head_dim)
@@ -178,7 +180,7 @@ def _layer_scores(block: nn.Module, score: Callable[[nn.Parameter], Tensor], hid
 
 @torch.no_grad()
 def compute_unit_scores(
-    model: nn.Module,
+    model: LlamaLike,
     *,
     scorer: Scorer = "taylor1",
     optimizer: Optimizer | None = None,
@@ -293,7 +295,7 @@ class SaliencyAccumulator:
 
     def load_state_dict(self, sd: dict[str, Tensor]) -> None:
         """Restore exactly what ``state_dict`` saved (mode, beta, steps and per-layer widths)."""
-        mode = "ema" if int(sd["ema"]) else "window"
+        mode: SaliencyMode = "ema" if int(sd["ema"]) else "window"
         beta = float(sd["beta"])
         if (mode, beta) != (self.mode, self.beta):
             log.info("saliency accumulator: restoring mode=%s beta=%g from checkpoint", mode, beta)
@@ -301,5 +303,5 @@ class SaliencyAccumulator:
         self._state = None
         if "hidden" in sd:  # per-layer widths come from the saved tensors themselves
             n = int(sd["layer"].numel())
-            lists = ([sd[f"{f}.{i}"] for i in range(n)] for f in ("q_head", "kv_head", "ffn"))
-            self._state = UnitScores(*lists, hidden=sd["hidden"], layer=sd["layer"]).clone()
+            q, kv, ffn = ([sd[f"{f}.{i}"] for i in range(n)] for f in ("q_head", "kv_head", "ffn"))
+            self._state = UnitScores(q, kv, ffn, hidden=sd["hidden"], layer=sd["layer"]).clone()

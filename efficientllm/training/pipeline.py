@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from efficientllm.choices import ExportFormat, Granularity, Scorer
 from efficientllm.config import DataConfig
 from efficientllm.errors import ConfigError, DataError
 
@@ -25,15 +27,15 @@ class OneShotJob:
     budget: str
     out: Path
     heldout: list[Path] = field(default_factory=list)
-    granularity: str = "global"
-    scorer: str = "taylor1"
+    granularity: Granularity = "global"
+    scorer: Scorer = "taylor1"
     calib_batches: int = 8
     batch_size: int = 2
     block_len: int = 256
     eval_tokens: int = 16384
     hidden_multiple: int = 8
     ffn_multiple: int = 8
-    fmt: str = "auto"
+    fmt: ExportFormat = "auto"
     seed: int = 0
     heldout_fraction: float = 0.1
 
@@ -110,7 +112,7 @@ def run_oneshot(job: OneShotJob, *, echo: Callable[[str], None] = lambda s: None
     )
     echo("held-out perplexity after pruning ...")
     after = _ppl(model, held_stream, job, None)
-    report = {
+    report: dict[str, Any] = {
         "source_params": source.num_params(),
         "budget": budget,
         "params": result.shape.num_params(),
@@ -124,10 +126,12 @@ def run_oneshot(job: OneShotJob, *, echo: Callable[[str], None] = lambda s: None
         "perplexity_before": before.ppl if before else None,
         "perplexity_after": after.ppl if after else None,
         "perplexity_protocol": after.protocol if after else None,
-        "job": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()},
+        "job": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()},
+            "data": [str(p) for p in job.data],
+            "heldout": [str(p) for p in job.heldout],
+        },
     }
-    report["job"]["data"] = [str(p) for p in job.data]
-    report["job"]["heldout"] = [str(p) for p in job.heldout]
     exported = export_model(
         model,
         job.out,

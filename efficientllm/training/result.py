@@ -72,7 +72,7 @@ def export_run(
     target = out / "export"
     if target.exists():
         shutil.rmtree(target)  # a previous attempt died after exporting; redo it whole
-    extra = {
+    extra: dict[str, str | bytes] = {
         "run_config.json": json.dumps(cfg.to_dict(), indent=2),
         "data_split.json": json.dumps(split, indent=2),
     }
