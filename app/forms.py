@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from efficientllm.budget import Plan, parse_budget, plan
 from efficientllm.config import RunConfig, field_docs
 from efficientllm.errors import ConfigError, DataError, ModelNotFoundError
 from efficientllm.presets import DEMO_MODEL, merge, preset_dict, preset_names
+from efficientllm.pruning.budget import Plan, parse_budget, plan
 
 KNOWN_MODELS = [
     DEMO_MODEL,
@@ -35,8 +35,6 @@ DEMO_HELDOUT = "demo:austen-heldout"
 UPLOAD_PREFIX = "upload:"
 UPLOAD_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DEFAULT_PRESET = "cpu-demo"
-GRANULARITIES = ["global", "uniform"]
-SCORERS = ["taylor1", "taylor_mix", "magnitude", "random"]
 _UPLOAD_NAME = re.compile(r"^[0-9a-f]{12}-[A-Za-z0-9._-]{1,100}$")
 
 ADVANCED: dict[str, tuple[str, str]] = {

@@ -12,93 +12,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
-from fastapi import FastAPI, Request
-from sqlalchemy.orm import Session, sessionmaker
+from fastapi import FastAPI
 from starlette.routing import Mount
 
-import db
+from app.context import AppContext, make_context
 
+__all__ = ["AppContext", "create_app", "make_context", "run"]
 log = logging.getLogger(__name__)
-LOCAL_USER = "local"
-DEFAULT_MAX_UPLOAD_MB = 200
-
-
-@dataclass
-class AppContext:
-    """What the views and routes share: DB sessions, the data dir, users and limits."""
-
-    sessions: sessionmaker[Session]
-    data_dir: Path
-    users: dict[str, str] | None
-    """username -> password; None: no login, every job belongs to ``local``."""
-    max_upload_bytes: int
-    queue: str = "gpu"
-    gradio_app: FastAPI | None = None
-    """The mounted Gradio app (its login tokens identify users on our own routes)."""
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A fresh session for one unit of work."""
-        with self.sessions() as s:
-            yield s
-
-    def owner(self, username: str | None) -> str:
-        """The job owner for a (possibly anonymous) Gradio user."""
-        return username if self.users and username else LOCAL_USER
-
-    def user_of(self, request: Request) -> str | None:
-        """The logged-in user behind an HTTP request (None when logged out)."""
-        if not self.users:
-            return LOCAL_USER
-        app = self.gradio_app
-        if app is None:
-            return None
-        cookie_id = getattr(app, "cookie_id", "")
-        token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
-            f"access-token-unsecure-{cookie_id}"
-        )
-        return getattr(app, "tokens", {}).get(token) if token else None
-
-
-def parse_users(text: str | None) -> dict[str, str] | None:
-    """``"alice:pw,bob:pw"`` -> {"alice": "pw", "bob": "pw"}; empty -> None (no login)."""
-    if not text or not text.strip():
-        return None
-    users: dict[str, str] = {}
-    for item in text.split(","):
-        name, sep, password = item.strip().partition(":")
-        if not sep or not name or not password:
-            raise ValueError("EFFICIENTLLM_USERS must look like 'alice:password,bob:password'")
-        users[name] = password
-    return users
-
-
-def make_context() -> AppContext:
-    """The context from the environment (worker.settings when present, else db.engine's)."""
-    try:
-        from worker.settings import get_settings
-
-        settings = get_settings()
-        data, url, queue = settings.data_dir, settings.db_url, settings.queue
-    except ImportError:  # pragma: no cover - worker/ not installed: same defaults
-        data, url, queue = db.engine.data_dir(), db.default_url(), "gpu"
-    data = Path(data).resolve()
-    data.mkdir(parents=True, exist_ok=True)
-    engine = db.make_engine(url)
-    db.upgrade_to_head(engine)
-    mb = int(os.environ.get("EFFICIENTLLM_MAX_UPLOAD_MB") or DEFAULT_MAX_UPLOAD_MB)
-    return AppContext(
-        sessions=db.session_factory(engine),
-        data_dir=data,
-        users=parse_users(os.environ.get("EFFICIENTLLM_USERS")),
-        max_upload_bytes=mb * 2**20,
-        queue=queue,
-    )
 
 
 def create_app(ctx: AppContext | None = None) -> FastAPI:
@@ -122,7 +43,7 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
         max_file_size=ctx.max_upload_bytes,
         show_error=False,
     )
-    ctx.gradio_app = next(r.app for r in api.routes if isinstance(r, Mount))  # type: ignore[attr-defined]
+    ctx.gradio_app = next(r.app for r in api.routes if isinstance(r, Mount))  # type: ignore[assignment]
     return api
 
 

@@ -8,13 +8,12 @@ the event log paged to its end); ``advance`` then folds only the events after th
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app import plots
+from app.context import AppContext
 from db import repo
-
-if TYPE_CHECKING:
-    from app.main import AppContext
+from db.snapshot import Snapshot, fold_snapshots, snapshot_from_row, snapshot_of
 
 log = logging.getLogger(__name__)
 LOG_LINES = 200
@@ -47,6 +46,8 @@ def log_line(e: dict[str, Any]) -> str | None:
     if kind == "started":
         resumed = e.get("resumed_from")
         extra = f", resumed from step {resumed}" if resumed is not None else ""
+        if (procs := e.get("num_processes") or 1) > 1:
+            extra += f", {procs} processes"
         return f"step {step}: started ({e.get('source_params', 0):,} params{extra})"
     if kind == "pruned":
         removed = ", ".join(f"{v} {k}" for k, v in (e.get("removed") or {}).items())
@@ -64,20 +65,14 @@ def log_line(e: dict[str, Any]) -> str | None:
     return None
 
 
-def _snap(e: dict[str, Any], kind: str, params: Any) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "step": e.get("step", 0),
-        "tokens": e.get("tokens", 0),
-        "params": params,
-        "shape": e.get("shape") or {},
-        "saliency": e.get("saliency") or {},
-    }
-
-
 def fold(state: dict[str, Any], events: list[dict[str, Any]]) -> bool:
-    """Apply new event payloads to ``state``; True if a chart needs redrawing."""
+    """Apply new event payloads to ``state``; True if a chart needs redrawing.
+
+    Architecture snapshots follow :func:`db.snapshot.fold_snapshots`, the rule the DB's rows
+    follow, so a reloaded page shows the snapshots it showed live.
+    """
     changed = False
+    carrying: list[dict[str, Any]] = []
     for e in events:
         kind = e.get("type")
         line = log_line(e)
@@ -89,19 +84,21 @@ def fold(state: dict[str, Any], events: list[dict[str, Any]]) -> bool:
             )
         elif kind == "eval":
             state["evals"].append({k: e.get(k) for k in ("step", "tokens", "ppl", "label")})
-        elif kind == "started" and isinstance(e.get("shape"), dict):
-            if state["source"] is None:
-                state["source"] = e["shape"]
-                state["snaps"].append(_snap(e, "source", e.get("source_params")))
-        elif kind == "pruned" and isinstance(e.get("shape"), dict):
-            state["snaps"].append(_snap(e, "pruned", e.get("params_after")))
-        elif kind == "finished" and isinstance(e.get("shape"), dict):
-            state["snaps"].append(_snap(e, "final", e.get("params")))
+        elif snapshot_of(e) is not None:
+            carrying.append(e)
         else:
             continue
         changed = True
+    fold_snapshots(state["snaps"], carrying)
+    if state["source"] is None:
+        state["source"] = source_shape(state["snaps"])
     del state["log"][:-LOG_LINES]
     return changed
+
+
+def source_shape(snaps: list[Snapshot]) -> dict[str, Any] | None:
+    """The source's shape among ``snaps`` (None before the job announced it)."""
+    return next((x["shape"] for x in snaps if x["kind"] == "source"), None)
 
 
 def load(ctx: AppContext, *, job_id: str, owner: str) -> dict[str, Any] | None:
@@ -110,25 +107,15 @@ def load(ctx: AppContext, *, job_id: str, owner: str) -> dict[str, Any] | None:
         job = repo.get_job(s, job_id=job_id, owner=owner)
         if job is None:
             return None
-        snaps = repo.snapshots(s, job_id=job_id)
+        snaps = [snapshot_from_row(x) for x in repo.snapshots(s, job_id=job_id)]
         points = repo.metrics(s, job_id=job_id)
         evals = repo.evals(s, job_id=job_id)
         state: dict[str, Any] = {
             "job_id": job_id,
             "cursor": 0,
             "job": job_info(job),
-            "source": next((x.shape for x in snaps if x.kind == "source"), None),
-            "snaps": [
-                {
-                    "kind": x.kind,
-                    "step": x.step,
-                    "tokens": x.tokens,
-                    "params": x.params,
-                    "shape": x.shape,
-                    "saliency": x.saliency or {},
-                }
-                for x in snaps
-            ],
+            "snaps": snaps,
+            "source": source_shape(snaps),
             "metrics": [
                 {
                     "step": p.step,
@@ -240,7 +227,8 @@ def arch_view(state: dict[str, Any] | None, index: int | None) -> tuple[Any, str
     i = len(snaps) - 1 if index is None else max(0, min(int(index), len(snaps) - 1))
     snap = snaps[i]
     title = f"{snap['kind']} · step {snap['step']}"
-    fig = plots.arch_figure(snap["shape"], state["source"], title=title, params=snap["params"])
+    source = (state or {}).get("source")
+    fig = plots.arch_figure(snap["shape"], source, title=title, params=snap["params"])
     caption = (
         f"snapshot {i + 1} of {len(snaps)} · {snap['kind']} at step {snap['step']} "
         f"({snap['tokens']:,} tokens) · {snap['params'] or 0:,} params"

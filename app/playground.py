@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 
+from app.context import AppContext
+from app.guard import guarded
 from db import repo
 from db.models import utcnow
-
-if TYPE_CHECKING:
-    from app.main import AppContext
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 48
@@ -52,8 +51,6 @@ def generation_view(gen: Any) -> tuple[str, str | None, bool]:
 def build(ctx: AppContext) -> gr.Dropdown:
     """The tab's widgets and events, inside the current ``gr.Tab``; returns the job picker
     (its choices follow the jobs list: see :func:`succeeded_choices`)."""
-    from app.views import guarded
-
     with gr.Row():
         job = gr.Dropdown([], label="Succeeded job", elem_id="play-job")
         max_new = gr.Slider(

@@ -14,8 +14,8 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from efficientllm.choices import GROUP_KINDS as KINDS
 from efficientllm.curves import saliency_curves
-from efficientllm.groups import KINDS
 
 Shape = dict[str, Any]
 WIDTHS = (

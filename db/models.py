@@ -25,10 +25,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime, TypeDecorator
 
+from db import snapshot
+
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_STATUSES = frozenset({"queued", "running"})
-SNAPSHOT_KINDS = ("source", "pruned", "final")
+SNAPSHOT_KINDS = snapshot.SNAPSHOT_KINDS  # one definition, beside the event -> snapshot rule
 ARTIFACT_KINDS = ("export", "checkpoint", "events")
 GENERATION_STATUSES = ("queued", "running", "succeeded", "failed")
 

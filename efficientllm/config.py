@@ -128,7 +128,9 @@ class TrainConfig:
     total_tokens: int = 200_000
     """Training tokens in all: pruning phase + recovery."""
     batch_size: int = 4
-    """Blocks per micro-batch."""
+    """Blocks per micro-batch and per process. On N processes (torchrun / accelerate launch)
+    the global batch is N x batch_size x grad_accum blocks, drawn in the order a one-process run
+    with batch N x batch_size draws them (rank r takes the r-th share)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 3e-4

@@ -41,6 +41,11 @@ class NonFiniteLossError(EfficientLLMError):
     """The loss became NaN or infinite."""
 
 
+class DecisionMismatchError(EfficientLLMError):
+    """The processes of one data-parallel run chose different groups to prune (their saliency
+    diverged); raised on every rank before anything is removed."""
+
+
 class Cancelled(EfficientLLMError):
     """A run was stopped on request (cooperative cancel)."""
 

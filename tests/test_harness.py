@@ -22,8 +22,8 @@ from efficientllm.cli import app
 pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -e '.[eval]'")
 
 from efficientllm.errors import ConfigError
-from efficientllm.harness import PAPER_TASKS, EfficientLM, evaluate_offline, run_tasks
-from efficientllm.mctask import TASK_NAME, NextSentenceSpec, build_task
+from efficientllm.evaluation.harness import PAPER_TASKS, EfficientLM, evaluate_offline, run_tasks
+from efficientllm.evaluation.mctask import TASK_NAME, NextSentenceSpec, build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -201,10 +201,10 @@ def test_run_tasks_restores_rng_and_training_mode(tok, task_dir) -> None:
 
 
 def test_export_reload_gives_identical_numbers(tok, tmp_path) -> None:
-    from efficientllm.data import Document, tokenize_documents
-    from efficientllm.evaluate import perplexity
+    from efficientllm.evaluation.perplexity import perplexity
     from efficientllm.export import export_model
     from efficientllm.model_io import load_model, load_tokenizer
+    from efficientllm.training.data import Document, tokenize_documents
 
     docs = [prose(11, 90), prose(12, 60)]
     model = hetero_model()

@@ -13,10 +13,10 @@ pytest.importorskip("plotly")
 from tiny import save_tiny_corpus, save_tiny_source  # noqa: E402
 
 from app import monitor, plots  # noqa: E402
-from efficientllm.curves import SALIENCY_KINDS, saliency_curves  # noqa: E402
-from efficientllm.training.events import ListSink  # noqa: E402
 from efficientllm.choices import GROUP_KINDS as KINDS  # noqa: E402
+from efficientllm.curves import SALIENCY_KINDS, saliency_curves  # noqa: E402
 from efficientllm.presets import build_config  # noqa: E402
+from efficientllm.training.events import ListSink  # noqa: E402
 from efficientllm.training.trainer import Trainer  # noqa: E402
 
 PLOTTED = ("qhead", "ffn", "hidden")  # what the Monitor's saliency panel must show

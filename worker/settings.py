@@ -24,6 +24,7 @@ ENV_VARS = (
     "EFFICIENTLLM_MAX_ATTEMPTS",
     "EFFICIENTLLM_QUEUE",
     "EFFICIENTLLM_EVENT_FLUSH_S",
+    "EFFICIENTLLM_GPUS_PER_JOB",
     "APP_ENV",
     "FAULT",
     "FAULT_STEP_DELAY_S",
@@ -60,6 +61,11 @@ class Settings:
     event_flush_s: float = 0.5
     """``EFFICIENTLLM_EVENT_FLUSH_S``: the event sink writes to the DB at most this often
     (important events such as checkpoints flush at once)."""
+    gpus_per_job: int = 1
+    """``EFFICIENTLLM_GPUS_PER_JOB``: processes (one per GPU, data parallel) each job runs on;
+    above 1 the task starts that many rank subprocesses on this machine (``worker/parallel.py``)
+    and rank r uses GPU r of this worker's ``CUDA_VISIBLE_DEVICES`` (CPU processes without
+    CUDA). Run one worker per group of GPUs."""
     app_env: str = "production"
     """``APP_ENV``: ``test`` enables the fault hooks below; anything else ignores them."""
     fault: str | None = None
@@ -110,6 +116,7 @@ class Settings:
             "max_attempts": get("EFFICIENTLLM_MAX_ATTEMPTS"),
             "queue": get("EFFICIENTLLM_QUEUE"),
             "event_flush_s": get("EFFICIENTLLM_EVENT_FLUSH_S"),
+            "gpus_per_job": get("EFFICIENTLLM_GPUS_PER_JOB"),
             "app_env": get("APP_ENV"),
             "fault": get("FAULT"),
             "step_delay_s": get("FAULT_STEP_DELAY_S"),
@@ -140,6 +147,8 @@ class Settings:
             )
         if self.max_attempts < 1:
             problems.append("EFFICIENTLLM_MAX_ATTEMPTS must be >= 1")
+        if self.gpus_per_job < 1:
+            problems.append("EFFICIENTLLM_GPUS_PER_JOB must be >= 1")
         if self.visibility_timeout_s <= 0:
             problems.append("EFFICIENTLLM_VISIBILITY_TIMEOUT_S must be > 0")
         if problems:
@@ -158,6 +167,8 @@ class Settings:
             "EFFICIENTLLM_EVENT_FLUSH_S": str(self.event_flush_s),
             "APP_ENV": self.app_env,
         }
+        if self.gpus_per_job > 1:
+            out["EFFICIENTLLM_GPUS_PER_JOB"] = str(self.gpus_per_job)
         if self.redis_url:
             out["REDIS_URL"] = self.redis_url
         if self.database_url:

@@ -93,6 +93,28 @@ def _stop_flag(hb: Heartbeat, settings: Settings):
     return should_stop
 
 
+def _run_parallel(cfg: Any, settings: Settings, sink: DbSink, hb: Heartbeat, attempt: int) -> Any:
+    """The job on ``settings.gpus_per_job`` rank subprocesses; this process keeps the lease,
+    the heartbeat, the DB sink and the cancel. A killed rank takes this process down too (exit
+    137, as if it had been killed itself), so the job is retried from its checkpoint."""
+    from worker.parallel import RankCrashed, run_parallel
+
+    fault = make_fault(settings, attempt) and settings.fault_hook
+    try:
+        return run_parallel(
+            cfg,
+            nprocs=settings.gpus_per_job,
+            sink=sink,
+            should_stop=lambda: hb.flag.is_set(),
+            step_delay_s=settings.step_delay_s if settings.testing else 0.0,
+            fault=fault,
+        )
+    except RankCrashed as err:
+        log.warning("%s: exiting with %d", err, EXIT_CODE)
+        sink.close()
+        os._exit(EXIT_CODE)
+
+
 def run(job_id: str, settings: Settings | None = None) -> str:
     """Run (or resume) one job; returns the outcome ('noop', a terminal status or 'lost')."""
     from efficientllm.config import RunConfig
@@ -131,13 +153,16 @@ def run(job_id: str, settings: Settings | None = None) -> str:
         try:
             try:
                 cfg = resolve_demo(RunConfig.from_dict({**job.config, "out_dir": str(out_dir)}))
-                trainer = Trainer(
-                    cfg,
-                    sink=sink,
-                    should_stop=_stop_flag(hb, settings),
-                    fault=make_fault(settings, job.attempt),
-                )
-                result = trainer.run()
+                if settings.gpus_per_job > 1:
+                    result = _run_parallel(cfg, settings, sink, hb, job.attempt)
+                else:
+                    trainer = Trainer(
+                        cfg,
+                        sink=sink,
+                        should_stop=_stop_flag(hb, settings),
+                        fault=make_fault(settings, job.attempt),
+                    )
+                    result = trainer.run()
             finally:
                 sink.close()
             if result.status == "stopped":

@@ -33,9 +33,11 @@ def run(
     **flags: Any,
 ) -> None:
     """Pruning-aware pretraining: train while pruning down to the budget, then recover; export.
-    Every config field is a flag (``--train.lr``, short ``--lr`` where unambiguous)."""
+    Every config field is a flag (``--train.lr``, short ``--lr`` where unambiguous). Under
+    ``torchrun``/``accelerate launch`` it runs data parallel (``--batch-size`` per process)."""
     from efficientllm.config import read_config_dict
     from efficientllm.presets import build_config, resolve_demo
+    from efficientllm.training.distributed import env_rank
     from efficientllm.training.events import JsonlSink, MultiSink
     from efficientllm.training.progress import ProgressSink
     from efficientllm.training.trainer import Trainer
@@ -45,6 +47,9 @@ def run(
     cfg = resolve_demo(build_config(preset=preset, file_dict=file_dict, overrides=over))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if env_rank() != 0:  # another rank of `torchrun`/`accelerate launch`: rank 0 reports
+        Trainer(cfg).run()
+        return
     jsonl = JsonlSink(out_dir / "events.jsonl")
     try:
         result = Trainer(cfg, sink=MultiSink(ProgressSink(disable=quiet), jsonl)).run()

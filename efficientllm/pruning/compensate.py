@@ -37,7 +37,7 @@ apart from the relative damping).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -171,6 +171,19 @@ class Compensator:
         """(H, tokens) recorded for ``module``'s inputs (None, 0 when nothing was recorded)."""
         s = self._stats.get(module)
         return (None, 0) if s is None else (s.h, s.tokens)
+
+    def all_reduce_(self, model: LlamaLike, sum_: Callable[[torch.Tensor], None]) -> None:
+        """Sum every H and token count over data-parallel ranks (``sum_`` reduces a tensor in
+        place on every rank), so that all ranks compensate alike; call on every rank before
+        ``compensate_``."""
+        for module in self._tracked(model):
+            s = self._stats.get(module)
+            if s is None or s.h is None:
+                continue
+            sum_(s.h)
+            n = torch.tensor([float(s.tokens)], dtype=torch.float64, device=s.h.device)
+            sum_(n)
+            s.tokens = int(n.item())
 
     def select_(self, model: LlamaLike, drops: Drops) -> None:
         """Instead of ``reset``: after ``apply_drops_(model, …, drops)``, keep H[R, R] of the

@@ -42,6 +42,8 @@ class RunStarted(Event):
     """The source shape (ModelShape.to_dict)."""
     config: dict[str, Any]
     resumed_from: int | None = None
+    num_processes: int = 1
+    """Processes training this job together (data parallel; 1 = a plain run)."""
 
 
 @dataclass(frozen=True, kw_only=True)

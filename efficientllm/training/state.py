@@ -8,6 +8,7 @@ it back, so a resumed run continues the same loss curve.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from efficientllm.config import RunConfig
 from efficientllm.model_io import load_model, shape_from_config
-from efficientllm.pruning.decide import decide
+from efficientllm.pruning.decide import Drops, decide
 from efficientllm.pruning.saliency import SaliencyAccumulator
 from efficientllm.shape import ModelShape
 from efficientllm.training import checkpoint as ckpt
@@ -46,6 +47,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     saliency: SaliencyAccumulator
     sampler: BlockSampler
+    """This process's sampler (``distributed.ShardedSampler`` on several processes)."""
     scorer_rng: torch.Generator
     shape: ModelShape
     step: int = 0
@@ -85,10 +87,18 @@ class TrainState:
         """The model's parameters, tied ones once (they change after each pruning event)."""
         return [p for _, p in ckpt.unique_named_parameters(self.model)]
 
-    def prune_(self, target: int, cfg: RunConfig, *, compensator: Any = None) -> tuple[Any, Any]:
+    def prune_(
+        self,
+        target: int,
+        cfg: RunConfig,
+        *,
+        compensator: Any = None,
+        check: Callable[[Drops], object] | None = None,
+    ) -> tuple[Any, Any]:
         """Decide on the accumulated saliency which groups bring the model to ``target`` params
         and remove them physically (optimizer moments and accumulator included); returns the
-        decision and the scores it was made on."""
+        decision and the scores it was made on. ``check`` sees the drops before anything is
+        removed (the cross-rank agreement check of a data-parallel run raises there)."""
         from efficientllm.pruning.prune import apply_drops_
 
         b = cfg.budget
@@ -103,6 +113,8 @@ class TrainState:
             ffn_multiple=b.ffn_multiple,
             tolerance=b.tolerance,
         )
+        if check is not None:
+            check(decision.drops)
         with torch.no_grad():
             if compensator is not None:  # variant B: compensate the consumers, then remove
                 compensator.compensate_(self.model, decision.drops)

@@ -9,6 +9,12 @@ The trainer is injected with an event sink, a stop callback polled between steps
 fault hook (tests of crash recovery); it resumes from the newest complete checkpoint in
 ``<out_dir>/checkpoints`` when there is one. Everything a checkpoint holds is one
 ``TrainState`` (``training/state.py``).
+
+On several processes (``torchrun`` / ``accelerate launch``) the same loop runs data parallel
+(``training/distributed.py``): the model is wrapped in DDP (re-wrapped after each pruning event),
+each rank trains on its shard of the global batch, the ranks check that they took the same
+pruning decision, and rank 0 alone emits events and writes checkpoints, evaluations and the
+export while the others wait.
 """
 
 from __future__ import annotations
@@ -18,33 +24,30 @@ import math
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from efficientllm.config import RunConfig
-from efficientllm.errors import ConfigError, NonFiniteLossError
+from efficientllm.errors import NonFiniteLossError
 from efficientllm.model_io import load_tokenizer
 from efficientllm.pruning.saliency import compute_unit_scores, mean_normalised_saliency
 from efficientllm.shape import ModelShape
 from efficientllm.training import checkpoint as ckpt
+from efficientllm.training.distributed import NullSink, World, drops_digest, env_rank
 from efficientllm.training.events import (
-    CheckpointSaved,
-    Evaluated,
     EventSink,
-    Exported,
     Failed,
-    Finished,
     ListSink,
-    PhaseChanged,
     Pruned,
     RunStarted,
     StepMetrics,
-    Stopped,
 )
+from efficientllm.training.outputs import RunOutputs
 from efficientllm.training.preflight import check_run
-from efficientllm.training.result import RunResult, export_run, read_result, write_result
+from efficientllm.training.result import RunResult, read_result
 from efficientllm.training.schedule import StepPlan, learning_rate
 from efficientllm.training.state import TrainState
 
@@ -57,7 +60,7 @@ def _device(cfg: RunConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class Trainer:
+class Trainer(RunOutputs):
     """Runs one ``RunConfig`` to the end (or until ``should_stop`` returns True)."""
 
     def __init__(
@@ -69,7 +72,9 @@ class Trainer:
         fault: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.sink = sink or ListSink()
+        self.sink: EventSink = sink or ListSink()
+        if env_rank() != 0:  # events come from rank 0 only
+            self.sink = NullSink()
         self.should_stop = should_stop or (lambda: False)
         self.fault = fault
         self.out = Path(cfg.out_dir)
@@ -77,10 +82,11 @@ class Trainer:
         self.state: TrainState | None = None
         self.teacher: Any = None
         self.comp: Any = None
-
-    @property
-    def step(self) -> int:
-        return self.state.step if self.state is not None else 0
+        self.world = World()
+        self.net: torch.nn.Module | None = None
+        """The module the steps run through: the model, or its DDP wrapper."""
+        self.decisions: list[str] = []
+        """Digest of each pruning decision taken (equal on every rank)."""
 
     # ---- one run --------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -101,7 +107,7 @@ class Trainer:
         losses: dict[int, float] = {}
         last = time.perf_counter()
         while st.step < plan.total_steps:
-            if self.should_stop():
+            if self.world.any(self.should_stop()):  # one rank's stop request stops all
                 return self._stop(losses)
             phase = plan.phase(st.step)
             pruning = plan.prune_start_step <= st.step < plan.prune_end_step
@@ -134,7 +140,6 @@ class Trainer:
     def _setup(self, source: ModelShape, budget: int) -> tuple[TrainState, StepPlan]:
         from accelerate import Accelerator
 
-        from efficientllm.training.data import BlockSampler
         from efficientllm.training.distill import load_teacher
         from efficientllm.training.rundata import prepare
 
@@ -145,27 +150,22 @@ class Trainer:
         device = _device(cfg)
         bf16 = device.type == "cuda" and cfg.model.dtype != "float32"
         self.accel = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
-        if self.accel.num_processes > 1:
-            raise ConfigError(
-                "several processes (accelerate launch / torchrun) are not supported yet: physical "
-                "pruning would need all-reduced saliency and a re-wrapped DDP model after each "
-                "event; run on one GPU"
-            )
+        self.world = world = World.from_accelerator(self.accel, device)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
-        self.device = device
+        self.device = device = world.device if world.size > 1 else device
         self.tokenizer = load_tokenizer(cfg.model.source)
         self.data = prepare(cfg.data, self.tokenizer, seed=t.seed)
-        sampler = BlockSampler(self.data.train_blocks, batch_size=t.batch_size, seed=t.seed)
+        sampler = world.sampler(self.data.train_blocks, batch_size=t.batch_size, seed=t.seed)
         self.plan = StepPlan.make(
             total_tokens=t.total_tokens,
-            tokens_per_step=t.batch_size * t.grad_accum * cfg.data.block_len,
+            tokens_per_step=t.batch_size * t.grad_accum * cfg.data.block_len * world.size,
             start_fraction=cfg.schedule.start_fraction,
             prune_fraction=cfg.schedule.prune_fraction,
             prune=not cfg.budget.no_pruning,
             trajectory=cfg.schedule.trajectory,
         )
-        ckpt.clean_partial(self.ckpt_dir)
+        world.on_main(lambda: ckpt.clean_partial(self.ckpt_dir))
         saved = ckpt.load_latest(self.ckpt_dir)
         self.teacher = load_teacher(cfg.distill, cfg.model.source, device, bf16=bf16)
         self.state = st = TrainState.build(cfg, sampler=sampler, device=device, saved=saved)
@@ -174,6 +174,7 @@ class Trainer:
 
             self.comp = Compensator.for_group_kinds(cfg.budget.kinds)
             self.comp.attach(st.model)
+        self.net = world.wrap(st.model)
         self.sink.emit(
             RunStarted(
                 step=st.step,
@@ -185,6 +186,7 @@ class Trainer:
                 shape=source.to_dict(),
                 config=cfg.to_dict(),
                 resumed_from=saved.step if saved else None,
+                num_processes=world.size,
             )
         )
         if saved is None and t.eval_tokens:
@@ -192,10 +194,6 @@ class Trainer:
         return st, self.plan
 
     # ---- pieces ---------------------------------------------------------------------------
-    @property
-    def tokens(self) -> int:
-        return self.step * self.plan.tokens_per_step
-
     def _train_step(self, phase: str, pruning: bool) -> tuple[float, float | None]:
         """One optimizer step (with gradient accumulation); returns (LM loss, grad norm)."""
         st, t = self.state, self.cfg.train
@@ -204,18 +202,13 @@ class Trainer:
             g["lr"] = learning_rate(st.step, self.plan, t)
         loss_sum = lm_sum = 0.0
         teach = self.teacher if self.teacher and self.teacher.active(phase) else None
-        for _ in range(t.grad_accum):
-            batch = next(st.sampler).to(self.device)
-            with self.accel.autocast():
-                out = st.model(batch, labels=batch)
-                loss = out.loss
-                lm_sum += loss.item() / t.grad_accum
-                if teach is not None:  # the step minimises the mix; LM loss is reported
-                    loss = teach.loss(loss, out.logits, batch)
-                loss = loss / t.grad_accum
-            self.accel.backward(loss)
-            loss_sum += loss.item()
-            del loss, out  # no graph may outlive the step: pruning changes parameter shapes
+        net = self.net or st.model
+        for i in range(t.grad_accum):
+            # DDP averages the gradients over ranks in the last micro-batch's backward
+            with World.sync_context(net, last=i == t.grad_accum - 1):
+                lm, total = self._micro_step(net, teach)
+            lm_sum, loss_sum = lm_sum + lm, loss_sum + total
+        lm_sum, loss_sum = self.world.mean([lm_sum, loss_sum])  # the global batch's loss
         if not math.isfinite(loss_sum):
             raise NonFiniteLossError(
                 f"loss became {loss_sum} at step {st.step}; lower train.lr or check the data"
@@ -237,49 +230,22 @@ class Trainer:
         st.optimizer.zero_grad(set_to_none=True)
         return lm_sum, gnorm
 
-    def _after_step(self) -> None:
-        """Evaluation and checkpoints due after the step just taken; the phase change."""
-        t, plan, step = self.cfg.train, self.plan, self.step
-        if step == plan.prune_end_step:
-            self._evaluate("after_pruning")
-            if step < plan.total_steps:
-                self.sink.emit(PhaseChanged(step=step, tokens=self.tokens, phase="recovery"))
-        elif t.eval_every and step % t.eval_every == 0 and step < plan.total_steps:
-            self._evaluate("step")
-        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < plan.total_steps:
-            self._checkpoint()
-
-    def _stop(self, losses: dict[int, float]) -> RunResult:
-        assert self.state is not None
-        self._checkpoint()
-        self.sink.emit(Stopped(step=self.step, tokens=self.tokens, reason="stop requested"))
-        return RunResult(
-            "stopped", self.step, self.state.shape.num_params(), None, losses, self._teacher_flops()
-        )
-
-    def _finish(self, losses: dict[int, float]) -> RunResult:
-        assert self.state is not None
-        shape = self.state.shape
-        if self.plan.prune_end_step < self.plan.total_steps and self.cfg.train.eval_tokens:
-            self._evaluate("final")
-        path = self._export()
-        result = RunResult(
-            "finished", self.step, shape.num_params(), path, losses, self._teacher_flops()
-        )
-        write_result(self.out, result)
-        self.sink.emit(
-            Finished(
-                step=self.step, tokens=self.tokens, params=shape.num_params(), shape=shape.to_dict()
-            )
-        )
-        return result
-
-    def _teacher_flops(self) -> int:
-        """Teacher forward FLOPs of every step so far (also across a resume)."""
-        if self.teacher is None:
-            return 0
-        steps = sum(self.teacher.active(self.plan.phase(s)) for s in range(self.step))
-        return 2 * self.teacher.params * steps * self.plan.tokens_per_step
+    def _micro_step(self, net: torch.nn.Module, teach: Any) -> tuple[float, float]:
+        """Forward + backward of one micro-batch; returns its (LM, minimised) loss shares."""
+        st, accum = self.state, self.cfg.train.grad_accum
+        assert st is not None
+        batch = next(st.sampler).to(self.device)
+        with self.accel.autocast():
+            out = net(batch, labels=batch)
+            loss = out.loss
+            lm = loss.item() / accum
+            if teach is not None:  # the step minimises the mix; LM loss is reported
+                loss = teach.loss(loss, out.logits, batch)
+            loss = loss / accum
+        self.accel.backward(loss)
+        total = loss.item()
+        del loss, out  # no graph may outlive the step: pruning changes parameter shapes
+        return lm, total
 
     def _prune(self, target: int) -> None:
         st = self.state
@@ -287,7 +253,13 @@ class Trainer:
         shape, before = st.shape, st.shape.num_params()
         if before <= target or st.saliency.steps == 0:
             return
-        decision, scores = st.prune_(target, self.cfg, compensator=self.comp)
+        if self.comp is not None:  # every rank compensates with the H of the global batch
+            self.comp.all_reduce_(st.model, self.world.sum_)
+        check = partial(self.world.check_decision, step=self.step)
+        self.net = self.world.release(self.net)  # DDP is rebuilt around the new shapes
+        decision, scores = st.prune_(target, self.cfg, compensator=self.comp, check=check)
+        self.decisions.append(drops_digest(decision.drops))
+        self.net = self.world.wrap(st.model)
         self.sink.emit(
             Pruned(
                 step=self.step,
@@ -300,54 +272,3 @@ class Trainer:
                 shape=st.shape.to_dict(),
             )
         )
-
-    def _evaluate(self, label: str) -> None:
-        from efficientllm.evaluation.perplexity import perplexity
-
-        t = self.cfg.train
-        if not t.eval_tokens or self.state is None:
-            return
-        model = self.state.model
-        res = perplexity(
-            model,
-            self.data.heldout,
-            block_len=self.cfg.data.block_len,
-            max_tokens=t.eval_tokens,
-            batch_size=t.batch_size,
-        )
-        model.train()
-        self.sink.emit(
-            Evaluated(
-                step=self.step,
-                tokens=self.tokens,
-                phase=self.plan.phase(max(self.step - 1, 0)),
-                label=label,
-                ppl=res.ppl,
-                loss=res.nll,
-                protocol=res.protocol,
-            )
-        )
-
-    def _checkpoint(self) -> None:
-        assert self.state is not None
-        t = self.cfg.train
-        path = self.state.save(
-            self.ckpt_dir, tokens=self.tokens, keep=t.keep_checkpoints, fault=self.fault
-        )
-        self.sink.emit(CheckpointSaved(step=self.step, tokens=self.tokens, path=str(path)))
-
-    def _export(self) -> Path:
-        assert self.state is not None
-        res = export_run(
-            self.state.model, self.tokenizer, self.cfg, split=self.data.split, fault=self.fault
-        )
-        self.sink.emit(
-            Exported(
-                step=self.step,
-                tokens=self.tokens,
-                path=str(res.path),
-                format=res.fmt,
-                params=res.num_params,
-            )
-        )
-        return Path(res.path)

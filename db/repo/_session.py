@@ -1,0 +1,112 @@
+"""What every repository function shares: session handling, compare-and-set, the portable upsert.
+
+A repository function takes a ``Session`` or a ``sessionmaker`` (:data:`SessionLike`);
+:func:`scope` opens and closes a session for the call in the second case. State transitions are
+conditional UPDATEs (:func:`cas_row`): exactly one of several racing writers wins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Job, utcnow
+
+SessionLike = Session | sessionmaker[Session]
+MAX_ERROR_MESSAGE = 500
+
+
+@contextmanager
+def scope(s: SessionLike) -> Iterator[Session]:
+    """``s`` itself if it is a session, else a fresh session of the factory for this call."""
+    if isinstance(s, Session):
+        yield s
+        return
+    with s() as session:
+        yield session
+
+
+def cas_row(s: Session, model: Any, row_id: str, where: ColumnElement[bool], **values: Any) -> bool:
+    """Compare-and-set on one row of ``model``; commits on success, rolls back otherwise."""
+    result = cast(
+        CursorResult[Any],
+        s.execute(
+            update(model)
+            .where(model.id == row_id, where)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        ),
+    )
+    if result.rowcount == 1:
+        s.commit()
+        return True
+    s.rollback()
+    return False
+
+
+def cas_job(s: Session, job_id: str, where: ColumnElement[bool], **values: Any) -> bool:
+    """Compare-and-set on one job row (stamps ``updated_at``)."""
+    values.setdefault("updated_at", utcnow())
+    return cas_row(s, Job, job_id, where, **values)
+
+
+def load_job(s: Session, job_id: str) -> Job | None:
+    """The job row as it is in the database now (not a stale identity-map copy)."""
+    return s.execute(
+        select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+
+
+def next_seq(s: Session, model: type[Any], job_id: str) -> int:
+    """The next per-job ``seq`` of ``model`` (1 for the first row)."""
+    last = s.scalar(select(func.coalesce(func.max(model.seq), 0)).where(model.job_id == job_id))
+    return int(last or 0) + 1
+
+
+def one_line(message: str | None) -> str | None:
+    """The first non-empty line of ``message``, at most :data:`MAX_ERROR_MESSAGE` characters."""
+    if message is None:
+        return None
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    return text[:MAX_ERROR_MESSAGE]
+
+
+def upsert(
+    s: Session,
+    model: type[Any],
+    rows: dict[str, Any] | list[dict[str, Any]],
+    *,
+    keys: tuple[str, ...],
+) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE on SQLite and PostgreSQL; the new row wins."""
+    rows = [rows] if isinstance(rows, dict) else rows
+    if not rows:
+        return
+    dialect = s.get_bind().dialect.name
+    stmt: Any
+    if dialect == "postgresql":
+        stmt = postgresql.insert(model).values(rows)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(model).values(rows)
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        raise NotImplementedError(f"upsert is not implemented for {dialect}")
+    cols = [c for c in rows[0] if c not in keys]
+    stmt = stmt.on_conflict_do_update(
+        index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols}
+    )
+    s.execute(stmt)
+
+
+def finite(x: Any) -> float | None:
+    """A float, or None for None/NaN/inf (portable across SQLite REAL and JSON)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
