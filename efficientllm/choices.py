@@ -35,4 +35,10 @@ DistillPhases = Literal["both", "prune", "recovery"]
 Dtype = Literal["auto", "float32", "bfloat16"]
 ExportFormat = Literal["auto", "efficientllm", "family"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
+GGUFDtype = Literal["f32", "f16", "q8_0"]
+"""Types a GGUF file's 2-D weights are written in from Python (1-D tensors stay f32)."""
+GGUF_DTYPES: tuple[GGUFDtype, ...] = get_args(GGUFDtype)
+GGUFChoice = Literal["none", "f32", "f16", "q8_0"]
+"""What a run writes for llama.cpp beside its export: nothing, or a GGUF file of that type."""
+GGUF_CHOICES: tuple[GGUFChoice, ...] = get_args(GGUFChoice)
 Phase = Literal["prune", "recovery"]

@@ -19,6 +19,7 @@ from efficientllm.choices import (
     Dtype,
     ExportFormat,
     Fisher,
+    GGUFChoice,
     Granularity,
     GroupKind,
     LRSchedule,
@@ -190,6 +191,10 @@ class DistillConfig:
 class ExportConfig:
     format: ExportFormat = "auto"
     """auto: the vanilla family class when the final shape allows, else the heterogeneous one."""
+    gguf: GGUFChoice = "q8_0"
+    """Also write a GGUF file for llama.cpp (a per-layer shape as its ``deci`` architecture):
+    q8_0 (about 1 byte a weight), f16, f32, or none. A model GGUF cannot represent is noted and
+    skipped; the export folder is written either way."""
 
 
 @dataclass(frozen=True, kw_only=True)

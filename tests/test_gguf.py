@@ -217,3 +217,67 @@ def test_demo_q8_0_and_k_quant_agree_top1(pruned_demo, demo_gguf, tmp_path) -> N
     k = load_gguf(q4, n_ctx=128, logits_all=True)
     assert float((gguf_logits(k, ids).argmax(-1) == ref).mean()) >= 0.6
     assert len(greedy_gguf(k, ids[:8], 8)) == 8
+
+
+def test_global_run_writes_gguf_and_the_cli_exports_it(tmp_path) -> None:
+    """A tiny pruning-aware ``global`` run writes its Q8_0 GGUF beside the export; the CLI
+    (``efficientllm export --format gguf``) writes f32 from the run folder. Both load in
+    llama.cpp: f32 logits equal the reloaded export's to F32_TOL, Q8_0 within 5e-2 of the
+    logits' range; both generate, f32 the PyTorch greedy tokens."""
+    import json
+
+    from tiny import save_tiny_corpus, save_tiny_source
+    from typer.testing import CliRunner
+
+    from efficientllm.cli import app
+    from efficientllm.export import load_exported
+    from efficientllm.model_io import load_tokenizer
+
+    src = save_tiny_source(tmp_path / "src", "llama_gqa_tied", **WIDE)
+    docs = save_tiny_corpus(tmp_path / "corpus", n_docs=3)
+    out = tmp_path / "run"
+    runner = CliRunner()
+    args = ["run", "--preset", "tiny-debug", "--model", str(src), "--out", str(out), "--quiet"]
+    args += ["--granularity", "global", "--export.gguf", "q8_0"]
+    res = runner.invoke(app, [*args, *[a for d in docs for a in ("--data", str(d))]])
+    assert res.exit_code == 0, res.output
+    q8 = out / "gguf" / "model-q8_0.gguf"
+    exported = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    exported = [e for e in exported if e["type"] == "exported"]
+    assert exported[-1]["gguf"] == str(q8.resolve()) and exported[-1]["gguf_note"] is None
+
+    res = runner.invoke(
+        app, ["export", "--model", str(out), "--type", "f32", "-o", str(tmp_path / "f32.gguf")]
+    )
+    assert res.exit_code == 0, res.output
+    f32 = tmp_path / "f32.gguf"
+    model = load_exported(out / "export", dtype=torch.float32).eval()
+    assert not model.config.is_uniform  # a heterogeneous shape: llama.cpp's deci
+    assert arch_of(f32) == "deci" and arch_of(q8) == "deci"
+
+    ref = torch_logits(model, IDS)
+    llm = load_gguf(f32, n_ctx=64, logits_all=True, f32_cache=True)
+    diff = float(np.abs(gguf_logits(llm, IDS) - ref).max())
+    assert diff <= F32_TOL * (1 + float(np.abs(ref).max())), diff
+    with torch.no_grad():
+        greedy = model.generate(
+            torch.tensor([IDS[:8]]), max_new_tokens=8, do_sample=False, pad_token_id=0
+        )[0, 8:].tolist()
+    assert greedy_gguf(llm, IDS[:8], 8) == greedy
+    text = llm.detokenize(greedy).decode("utf-8", "replace")
+    assert text == load_tokenizer(out / "export").decode(greedy)
+
+    q8_llm = load_gguf(q8, n_ctx=64, logits_all=True, extra_buffers=False)
+    diff = float(np.abs(gguf_logits(q8_llm, IDS) - ref).max())
+    assert diff <= 5e-2 * float(ref.max() - ref.min()), diff
+    assert len(greedy_gguf(q8_llm, IDS[:8], 8)) == 8
+
+
+def test_cli_export_refuses_a_folder_without_a_model(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from efficientllm.cli import app
+
+    res = CliRunner().invoke(app, ["export", "--model", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "neither a model folder" in res.output and "Traceback" not in res.output

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from efficientllm.cli import evaluate, prune, services, train
+from efficientllm.cli import evaluate, export, prune, services, train
 from efficientllm.cli.common import app
 
 __all__ = ["app", "main"]
 
-for _module in (prune, train, evaluate, services):
+for _module in (prune, train, evaluate, export, services):
     _module.register(app)
 
 

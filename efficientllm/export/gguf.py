@@ -50,6 +50,7 @@ from gguf import (
 )
 from gguf.quants import quantize
 
+from efficientllm.choices import GGUF_DTYPES, GGUFDtype
 from efficientllm.errors import ExportError
 from efficientllm.export.gguf_vocab import add_tokenizer
 from efficientllm.export.hf import _as_efficientllm
@@ -57,9 +58,7 @@ from efficientllm.modeling import EfficientLLMForCausalLM
 
 logger = logging.getLogger(__name__)
 
-GGUFDtype = Literal["f32", "f16", "q8_0"]
 GGUFArch = Literal["auto", "llama", "deci"]
-GGUF_DTYPES: tuple[GGUFDtype, ...] = ("f32", "f16", "q8_0")
 _FILE_TYPES = {
     "f32": LlamaFileType.ALL_F32,
     "f16": LlamaFileType.MOSTLY_F16,

@@ -101,6 +101,10 @@ class Exported(Event):
     path: str
     format: str
     params: int
+    gguf: str | None = None
+    """The GGUF file for llama.cpp written beside the export (``export.gguf``), if any."""
+    gguf_note: str | None = None
+    """Why no GGUF file was written although one was asked for."""
 
 
 @dataclass(frozen=True, kw_only=True)
