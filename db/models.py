@@ -31,7 +31,7 @@ JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_STATUSES = frozenset({"queued", "running"})
 SNAPSHOT_KINDS = snapshot.SNAPSHOT_KINDS  # one definition, beside the event -> snapshot rule
-ARTIFACT_KINDS = ("export", "checkpoint", "events")
+ARTIFACT_KINDS = ("export", "checkpoint", "events", "gguf")
 GENERATION_STATUSES = ("queued", "running", "succeeded", "failed")
 
 NAMING = {
@@ -104,6 +104,10 @@ class Job(Base):
     """The full run config dict."""
     queue: Mapped[str] = mapped_column(String(64), default="gpu")
     celery_task_id: Mapped[str | None] = mapped_column(String(64))
+    sent_at: Mapped[datetime | None]
+    """When the broker message of the current queued spell was sent; NULL: none was sent since
+    the job (re)entered the queue (the send failed or has not happened yet). The reaper
+    re-sends such jobs after a grace period (``db.repo.unsent_jobs``)."""
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
@@ -111,7 +115,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     attempt: Mapped[int] = mapped_column(Integer, default=0)
-    """Starts taken so far (0 before the first claim)."""
+    """Starts taken so far (0 before the first claim). With ``lease_owner`` it is the fencing
+    token: every write of a running attempt names both, and a stale one is refused."""
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_owner: Mapped[str | None] = mapped_column(String(256))
     """``host:pid`` of the worker that holds (or last held) the lease."""
@@ -243,6 +248,7 @@ class Generation(Base):
     __table_args__ = (
         CheckConstraint(_in("status", GENERATION_STATUSES), name="status"),
         Index(None, "owner", "created_at"),
+        Index(None, "status", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -258,6 +264,17 @@ class Generation(Base):
     """One line for the user; never a traceback."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime | None] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    # the same lease as a job's (a worker that dies mid-generation is reaped, not left running)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    lease_owner: Mapped[str | None] = mapped_column(String(256))
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
+    """As ``Job.sent_at``: NULL while no broker message was sent for the current queued spell."""
 
     @property
     def terminal(self) -> bool:

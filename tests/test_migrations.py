@@ -63,16 +63,25 @@ def test_upgrade_downgrade_upgrade_without_drift(db_url: str) -> None:  # noqa: 
         upgrade_to_head(engine)  # idempotent at head: rows preserved
         assert repo.get_job(sm, job_id=jid) is not None
 
+        _alembic(engine, "downgrade", "0002")  # 0003: lease columns go, rows stay
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 1
+        assert _tables(engine) == TABLES and "sent_at" not in {
+            c["name"] for c in inspect(engine).get_columns("jobs")
+        }
+        _alembic(engine, "upgrade", "0003")  # a queued row of the old schema counts as sent
+        assert repo.get_job(sm, job_id=jid).sent_at is not None  # type: ignore[union-attr]
         _alembic(engine, "downgrade", "0001")  # 0002 alone: the generations table goes
         assert _tables(engine) == TABLES - {"generations"}
-        assert repo.get_job(sm, job_id=jid) is not None
+        with engine.connect() as conn:  # the models are at head: count the row in SQL
+            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 1
         _alembic(engine, "downgrade", "base")
         assert _tables(engine) == set()
         upgrade_to_head(engine)
         assert _tables(engine) == TABLES
         assert _drift(engine) == []
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     finally:
         engine.dispose()
 

@@ -511,8 +511,8 @@ def test_submit_generation_validates_and_worker_reports_errors(tmp_path: Path) -
     On the worker, a missing export is a one-line failure, not a traceback."""
     from db.engine import make_engine, session_factory, upgrade_to_head
     from worker.celery_app import make_app
+    from worker.generation import generate
     from worker.submit import submit_generation
-    from worker.tasks import generate
 
     settings = Settings(data_dir=tmp_path)
     upgrade_to_head(settings.db_url)

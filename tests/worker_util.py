@@ -53,6 +53,8 @@ class RedisServer:
 
     port: int
     proc: subprocess.Popen[bytes]
+    argv: tuple[str, ...] = ()
+    """The command line it was started with (``restart`` runs it again: same port, same AOF)."""
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -61,6 +63,25 @@ class RedisServer:
         import redis
 
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=2)
+
+    def shutdown(self) -> None:
+        """``redis-cli -p PORT shutdown``: Redis writes its AOF and exits (what an operator or
+        a container restart does); waits until the process is gone."""
+        exe = shutil.which("redis-cli")
+        if exe:
+            subprocess.run([exe, "-p", str(self.port), "shutdown"], timeout=10, check=False)
+        else:
+            with contextlib.suppress(Exception):
+                self.client().shutdown()
+        self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Start the same server again (same port and data dir) and wait until it answers."""
+        assert self.proc.poll() is not None, "stop or shut it down first"
+        self.proc = subprocess.Popen(
+            list(self.argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for(lambda: _pings(self), 10, "redis-server to answer again")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -81,13 +102,10 @@ def redis_server(tmp: Path) -> Iterator[RedisServer]:
         pytest.skip("redis-server is not installed")
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes"]
-        + ["--dir", str(tmp), "--save", "", "--maxmemory-policy", "noeviction"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = RedisServer(port, proc)
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes"]
+    argv += ["--dir", str(tmp), "--save", "", "--maxmemory-policy", "noeviction"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(port, proc, tuple(argv))
     try:
         wait_for(lambda: _pings(server), 10, "redis-server to answer")
         yield server
@@ -215,10 +233,12 @@ def start_stack(
     max_attempts: int = 3,
     queue: str = "gpu",
     start: bool = True,
+    **overrides: Any,
 ) -> Stack:
     """A worker subprocess for tests (APP_ENV=test, the short timings above).
 
     ``start=False``: only migrate the DB (rows can be planted); call ``Stack.start_worker()``.
+    ``overrides``: further ``Settings`` fields (e.g. ``time_limit_s``, or other timings).
     """
     from db.engine import make_engine, session_factory, upgrade_to_head
     from worker.celery_app import make_app
@@ -234,7 +254,7 @@ def start_stack(
         app_env="test",
         fault=fault,
         step_delay_s=step_delay_s,
-        **TEST_TIMINGS,
+        **{**TEST_TIMINGS, **overrides},
     )
     log = data / "worker.log"
     upgrade_to_head(settings.db_url)

@@ -20,11 +20,15 @@ ENV_VARS = (
     "EFFICIENTLLM_LEASE_TTL_S",
     "EFFICIENTLLM_HEARTBEAT_S",
     "EFFICIENTLLM_REAPER_S",
+    "EFFICIENTLLM_RESEND_S",
     "EFFICIENTLLM_VISIBILITY_TIMEOUT_S",
     "EFFICIENTLLM_MAX_ATTEMPTS",
     "EFFICIENTLLM_QUEUE",
     "EFFICIENTLLM_EVENT_FLUSH_S",
     "EFFICIENTLLM_GPUS_PER_JOB",
+    "EFFICIENTLLM_MAX_ACTIVE_JOBS_PER_USER",
+    "EFFICIENTLLM_SOFT_TIME_LIMIT_S",
+    "EFFICIENTLLM_TIME_LIMIT_S",
     "APP_ENV",
     "FAULT",
     "FAULT_STEP_DELAY_S",
@@ -51,6 +55,10 @@ class Settings:
     """``EFFICIENTLLM_HEARTBEAT_S``: lease renewal (and cancel check) interval; well below TTL."""
     reaper_s: float = 30.0
     """``EFFICIENTLLM_REAPER_S``: how often each worker re-queues jobs whose lease expired."""
+    resend_s: float = 60.0
+    """``EFFICIENTLLM_RESEND_S``: a queued job (or generation) with no live broker message (the
+    send failed, or it was sent this long ago while nothing runs on its queue) is sent again by
+    the reaper once it has waited this long."""
     visibility_timeout_s: float = 3600.0
     """``EFFICIENTLLM_VISIBILITY_TIMEOUT_S``: Redis transport: an unacked message older than this
     is redelivered (a duplicate of a still-running job is a no-op thanks to the lease)."""
@@ -66,12 +74,26 @@ class Settings:
     above 1 the task starts that many rank subprocesses on this machine (``worker/parallel.py``)
     and rank r uses GPU r of this worker's ``CUDA_VISIBLE_DEVICES`` (CPU processes without
     CUDA). Run one worker per group of GPUs."""
+    max_active_jobs_per_user: int = 4
+    """``EFFICIENTLLM_MAX_ACTIVE_JOBS_PER_USER``: with login on, queued + running jobs one user
+    may have; a further submission is refused with a message (0: no limit). With login off
+    (one local user) the app applies no limit."""
+    soft_time_limit_s: float | None = None
+    """``EFFICIENTLLM_SOFT_TIME_LIMIT_S``: Celery's soft time limit of one attempt (unset: none).
+    When it expires the job stops at the next step boundary, writes a checkpoint and ends
+    ``failed`` with error code ``time_limit`` (not retried: a retry would hit it again)."""
+    time_limit_s: float | None = None
+    """``EFFICIENTLLM_TIME_LIMIT_S``: Celery's hard time limit of one attempt (unset: none), the
+    backstop for a soft stop that hangs: the pool process is killed, and the reaper re-queues
+    the job from its last checkpoint after the lease TTL (or fails it at the attempt cap). Keep
+    it well above the soft limit: a step plus a checkpoint must fit between the two."""
     app_env: str = "production"
     """``APP_ENV``: ``test`` enables the fault hooks below; anything else ignores them."""
     fault: str | None = None
-    """``FAULT`` (test only): ``ckpt_mid_write`` | ``after_rename`` | ``before_export`` exit the
-    pool process (code 137) at that point of a job's first attempt; ``always_kill`` exits right
-    after every claim (a poison job)."""
+    """``FAULT`` (test only): ``ckpt_mid_write`` | ``after_rename`` | ``before_export`` |
+    ``export_mid_write`` | ``before_gguf`` exit the pool process (code 137) at that point of a
+    job's first attempt (``point:n``: the n-th time it is reached; a comma-separated list: one
+    point per attempt in turn); ``always_kill`` exits right after every claim (a poison job)."""
     step_delay_s: float = 0.0
     """``FAULT_STEP_DELAY_S`` (test only): sleep this long before each training step, so that a
     tiny CPU job runs long enough to be killed or cancelled mid-way."""
@@ -112,11 +134,15 @@ class Settings:
             "lease_ttl_s": get("EFFICIENTLLM_LEASE_TTL_S"),
             "heartbeat_s": get("EFFICIENTLLM_HEARTBEAT_S"),
             "reaper_s": get("EFFICIENTLLM_REAPER_S"),
+            "resend_s": get("EFFICIENTLLM_RESEND_S"),
             "visibility_timeout_s": get("EFFICIENTLLM_VISIBILITY_TIMEOUT_S"),
             "max_attempts": get("EFFICIENTLLM_MAX_ATTEMPTS"),
             "queue": get("EFFICIENTLLM_QUEUE"),
             "event_flush_s": get("EFFICIENTLLM_EVENT_FLUSH_S"),
             "gpus_per_job": get("EFFICIENTLLM_GPUS_PER_JOB"),
+            "max_active_jobs_per_user": get("EFFICIENTLLM_MAX_ACTIVE_JOBS_PER_USER"),
+            "soft_time_limit_s": get("EFFICIENTLLM_SOFT_TIME_LIMIT_S"),
+            "time_limit_s": get("EFFICIENTLLM_TIME_LIMIT_S"),
             "app_env": get("APP_ENV"),
             "fault": get("FAULT"),
             "step_delay_s": get("FAULT_STEP_DELAY_S"),
@@ -126,7 +152,7 @@ class Settings:
         for name, value in kw.items():
             if value is None:
                 continue
-            if types[name] in ("float", float):
+            if types[name] in ("float", float, "float | None"):
                 value = float(value)  # type: ignore[arg-type]
             elif types[name] in ("int", int):
                 value = int(value)  # type: ignore[arg-type]
@@ -138,8 +164,8 @@ class Settings:
     def validate(self) -> None:
         """Raise ValueError listing every inconsistent setting."""
         problems = []
-        if self.lease_ttl_s <= 0 or self.heartbeat_s <= 0 or self.reaper_s <= 0:
-            problems.append("lease TTL, heartbeat and reaper period must be > 0")
+        if min(self.lease_ttl_s, self.heartbeat_s, self.reaper_s, self.resend_s) <= 0:
+            problems.append("lease TTL, heartbeat, reaper period and resend grace must be > 0")
         if self.heartbeat_s >= self.lease_ttl_s:
             problems.append(
                 f"EFFICIENTLLM_HEARTBEAT_S ({self.heartbeat_s}) must be below "
@@ -149,8 +175,18 @@ class Settings:
             problems.append("EFFICIENTLLM_MAX_ATTEMPTS must be >= 1")
         if self.gpus_per_job < 1:
             problems.append("EFFICIENTLLM_GPUS_PER_JOB must be >= 1")
+        if self.max_active_jobs_per_user < 0:
+            problems.append("EFFICIENTLLM_MAX_ACTIVE_JOBS_PER_USER must be >= 0")
         if self.visibility_timeout_s <= 0:
             problems.append("EFFICIENTLLM_VISIBILITY_TIMEOUT_S must be > 0")
+        soft, hard = self.soft_time_limit_s, self.time_limit_s
+        if (soft is not None and soft <= 0) or (hard is not None and hard <= 0):
+            problems.append("the soft and hard time limits must be > 0 (or unset)")
+        elif soft is not None and hard is not None and soft >= hard:
+            problems.append(
+                f"EFFICIENTLLM_SOFT_TIME_LIMIT_S ({soft}) must be below "
+                f"EFFICIENTLLM_TIME_LIMIT_S ({hard})"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -161,6 +197,7 @@ class Settings:
             "EFFICIENTLLM_LEASE_TTL_S": str(self.lease_ttl_s),
             "EFFICIENTLLM_HEARTBEAT_S": str(self.heartbeat_s),
             "EFFICIENTLLM_REAPER_S": str(self.reaper_s),
+            "EFFICIENTLLM_RESEND_S": str(self.resend_s),
             "EFFICIENTLLM_VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
             "EFFICIENTLLM_MAX_ATTEMPTS": str(self.max_attempts),
             "EFFICIENTLLM_QUEUE": self.queue,
@@ -169,6 +206,10 @@ class Settings:
         }
         if self.gpus_per_job > 1:
             out["EFFICIENTLLM_GPUS_PER_JOB"] = str(self.gpus_per_job)
+        if self.soft_time_limit_s is not None:
+            out["EFFICIENTLLM_SOFT_TIME_LIMIT_S"] = str(self.soft_time_limit_s)
+        if self.time_limit_s is not None:
+            out["EFFICIENTLLM_TIME_LIMIT_S"] = str(self.time_limit_s)
         if self.redis_url:
             out["REDIS_URL"] = self.redis_url
         if self.database_url:

@@ -5,6 +5,13 @@ buffered and written at most every ``flush_s`` (by the emitting thread or a smal
 and at once for the events a user waits for. After each write a small JSON notification is
 published on ``efficientllm:job:<id>`` so that a UI can poll right away; Redis being down is
 logged and never fails training. A DB error keeps the batch for the next try.
+
+Exactly once: the sink numbers its events itself (after the job's last stored seq) and writes
+each batch in one transaction keyed by (job, seq) (``repo.record_events(first_seq=...)``), so a
+retry after a failure whose outcome was unknown (committed, but the answer was lost) stores
+nothing twice. Fencing: each batch names the attempt's lease; once the DB refuses it
+(``repo.LeaseLost``) the sink drops what it holds, writes nothing more and calls
+``on_lease_lost`` (the task stops the trainer).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -78,11 +86,17 @@ class DbSink:
         job_id: str,
         flush_s: float = 0.5,
         redis_url: str | None = None,
+        lease: repo.Lease | None = None,
+        on_lease_lost: Callable[[], None] | None = None,
     ) -> None:
         self.sm, self.job_id, self.flush_s = sm, job_id, flush_s
+        self.lease, self.on_lease_lost = lease, on_lease_lost
         self.notifier = Notifier(redis_url)
         self.last_seq = 0
         self.written = 0
+        self.lost = False
+        """True once the DB refused our lease: nothing more is written."""
+        self._next_seq: int | None = None  # seq of _buf[0]; read from the DB at the first flush
         self._buf: list[dict[str, Any]] = []
         self._lock = threading.RLock()
         self._last_flush = time.monotonic()
@@ -93,9 +107,14 @@ class DbSink:
     def emit(self, event: Event) -> None:
         d = event.to_dict()
         with self._lock:
+            if self.lost:
+                return
             self._buf.append(d)
             if len(self._buf) > MAX_BUFFER:
-                del self._buf[: len(self._buf) - MAX_BUFFER]
+                dropped = len(self._buf) - MAX_BUFFER
+                del self._buf[:dropped]
+                if self._next_seq is not None:
+                    self._next_seq += dropped  # a gap in the log, never a reused seq
             due = time.monotonic() - self._last_flush >= self.flush_s
             if d.get("type") in IMPORTANT or due:
                 self.flush()
@@ -104,20 +123,36 @@ class DbSink:
         """Write the buffered events now; False (events kept) if the DB refused."""
         with self._lock:
             self._last_flush = time.monotonic()
+            if self.lost:
+                return False
             if not self._buf:
                 return True
             batch = list(self._buf)
             try:
-                self.last_seq = repo.record_events(self.sm, job_id=self.job_id, events=batch)
-                ckpts = [int(e.get("step", 0)) for e in batch if e.get("type") == "checkpoint"]
-                if ckpts:
-                    repo.set_checkpoint(self.sm, job_id=self.job_id, step=max(ckpts))
+                if self._next_seq is None:
+                    self._next_seq = repo.last_event_seq(self.sm, job_id=self.job_id) + 1
+                # one transaction: events, metrics, snapshots, progress and checkpoint step
+                self.last_seq = repo.record_events(
+                    self.sm,
+                    job_id=self.job_id,
+                    events=batch,
+                    first_seq=self._next_seq,
+                    lease=self.lease,
+                )
+            except repo.LeaseLost as err:
+                log.warning("job %s: %s; dropping %d events", self.job_id, err, len(batch))
+                self.lost = True
+                self._buf.clear()
+                if self.on_lease_lost is not None:
+                    self.on_lease_lost()
+                return False
             except Exception:
                 log.exception(
                     "job %s: writing %d events failed; will retry", self.job_id, len(batch)
                 )
                 return False
             del self._buf[: len(batch)]
+            self._next_seq += len(batch)
             self.written += len(batch)
         last = batch[-1]
         self.notifier.publish(
@@ -144,7 +179,7 @@ class DbSink:
         self._closed.set()
         self._timer.join(timeout=self.flush_s + 5)
         for _ in range(3):
-            if self.flush():
+            if self.flush() or self.lost:
                 break
             time.sleep(0.5)
         self.notifier.close()

@@ -2,7 +2,9 @@
 torch at import.
 
 The DB row is committed first, then the task is sent by name (the app never imports the task
-code). If sending fails the job stays queued in the DB and the error propagates.
+code) and the send is recorded (``sent_at``). If sending fails the row stays queued and unsent:
+the error is logged, not raised (the job exists, a resubmit would duplicate it), and a worker's
+reaper sends it once ``EFFICIENTLLM_RESEND_S`` has passed and the broker is back.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
+from efficientllm.errors import EfficientLLMError
 from worker.settings import get_settings
 
 if TYPE_CHECKING:
     from celery import Celery
 
 log = logging.getLogger(__name__)
+
+
+class JobLimitError(EfficientLLMError):
+    """The user already has the most queued + running jobs allowed (nothing was created)."""
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +39,42 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return RunConfig.from_dict(config).to_dict()
 
 
+def active_jobs(session: Session | sessionmaker[Session], *, owner: str) -> int:
+    """How many of ``owner``'s jobs are queued or running."""
+    from sqlalchemy import func, select
+
+    from db.models import ACTIVE_STATUSES, Job
+
+    stmt = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.owner == owner, Job.status.in_(sorted(ACTIVE_STATUSES)))
+    )
+    if isinstance(session, Session):
+        return int(session.scalar(stmt) or 0)
+    with session() as s:
+        return int(s.scalar(stmt) or 0)
+
+
+def check_job_limit(
+    session: Session | sessionmaker[Session], *, owner: str, max_active: int | None
+) -> None:
+    """Raise ``JobLimitError`` if ``owner`` already has ``max_active`` queued + running jobs.
+
+    Check and insert are two statements: two submissions of one user racing each other could
+    both pass. The app runs each event listener one call at a time (Gradio's default
+    ``concurrency_limit=1``), so its launches cannot race; other callers get a soft limit.
+    """
+    if not max_active:
+        return
+    n = active_jobs(session, owner=owner)
+    if n >= max_active:
+        raise JobLimitError(
+            f"you already have {n} jobs queued or running (at most {max_active} per user); "
+            "wait for one to finish or cancel one"
+        )
+
+
 def submit_job(
     session: Session | sessionmaker[Session],
     *,
@@ -40,11 +83,14 @@ def submit_job(
     name: str = "",
     queue: str | None = None,
     max_attempts: int | None = None,
+    max_active: int | None = None,
     celery: Celery | None = None,
 ) -> str:
     """Validate ``config``, create the job row and ring the broker; returns the job id.
 
-    ``celery`` defaults to ``worker.celery_app.app`` (configured from the environment).
+    ``max_active``: refuse (``JobLimitError``, nothing created) when ``owner`` already has that
+    many queued + running jobs; None: no limit (the app passes its per-user limit with login
+    on). ``celery`` defaults to ``worker.celery_app.app`` (configured from the environment).
     """
     from worker.celery_app import enqueue
 
@@ -52,6 +98,7 @@ def submit_job(
         from worker.celery_app import app as celery
     settings = getattr(celery, "efficientllm_settings", None) or get_settings()
     checked = validate_config(config)
+    check_job_limit(session, owner=owner, max_active=max_active)
     queue = queue or settings.queue
     job = repo.create_job(
         session,
@@ -61,13 +108,17 @@ def submit_job(
         queue=queue,
         max_attempts=max_attempts or settings.max_attempts,
     )
-    enqueue(job.id, queue=queue, sm=session, celery=celery)
+    try:
+        enqueue(job.id, queue=queue, sm=session, celery=celery)
+    except Exception as err:  # the row is durable; the reaper sends it later
+        log.warning("job %s: broker send failed (%s); the reaper will re-send it", job.id, err)
+        return job.id
     log.info("job %s submitted to queue %s", job.id, queue)
     return job.id
 
 
 MAX_PROMPT_CHARS = 2000
-MAX_NEW_TOKENS = 256  # worker.tasks.MAX_NEW_TOKENS (not imported: it loads the task code)
+MAX_NEW_TOKENS = 256  # worker.generation.MAX_NEW_TOKENS (not imported: it loads the task code)
 MAX_TEMPERATURE = 2.0
 
 
@@ -115,7 +166,7 @@ def submit_generation(
     queue; returns the generation id. ``ConfigError`` for bad input or a job that is not the
     owner's or has not succeeded (nothing is created then)."""
     from efficientllm.errors import ConfigError
-    from worker.celery_app import GENERATE_TASK_NAME
+    from worker.celery_app import enqueue_generation
 
     if celery is None:
         from worker.celery_app import app as celery
@@ -128,7 +179,11 @@ def submit_generation(
     gen = repo.create_generation(
         session, job_id=job_id, owner=owner, prompt=prompt, max_new_tokens=n, temperature=t
     )
-    celery.send_task(GENERATE_TASK_NAME, args=[gen.id], queue=job.queue)
+    try:
+        enqueue_generation(gen.id, queue=job.queue, sm=session, celery=celery)
+    except Exception as err:  # as for jobs: queued and unsent, the reaper sends it later
+        log.warning("generation %s: broker send failed (%s); will be re-sent", gen.id, err)
+        return gen.id
     log.info("generation %s for job %s submitted to queue %s", gen.id, job_id, job.queue)
     return gen.id
 

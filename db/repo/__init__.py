@@ -13,14 +13,25 @@ One module per concept: :mod:`~db.repo.job` (status machine, leases), :mod:`~db.
 Call sites use this package: ``from db import repo; repo.create_job(...)``.
 """
 
-from db.repo._session import MAX_ERROR_MESSAGE, SessionLike, finite, upsert
+from db.repo._session import MAX_ERROR_MESSAGE, Lease, LeaseLost, SessionLike, finite, upsert
 from db.repo.artifact import add_artifact, artifacts
-from db.repo.event import evals, events_after, metrics, record_events, snapshots
+from db.repo.event import (
+    evals,
+    events_after,
+    last_event_seq,
+    metrics,
+    record_events,
+    snapshots,
+)
 from db.repo.generation import (
     create_generation,
     finish_generation,
     get_generation,
+    heartbeat_generation,
+    mark_generation_sent,
+    reap_generations,
     start_generation,
+    unsent_generations,
 )
 from db.repo.job import (
     cancel_requested,
@@ -30,15 +41,19 @@ from db.repo.job import (
     get_job,
     heartbeat,
     list_jobs,
+    mark_sent,
     queue_position,
     reap_orphans,
     request_cancel,
     set_celery_task_id,
     set_checkpoint,
+    unsent_jobs,
 )
 
 __all__ = [
     "MAX_ERROR_MESSAGE",
+    "Lease",
+    "LeaseLost",
     "SessionLike",
     "add_artifact",
     "artifacts",
@@ -54,9 +69,14 @@ __all__ = [
     "get_generation",
     "get_job",
     "heartbeat",
+    "heartbeat_generation",
+    "last_event_seq",
     "list_jobs",
+    "mark_generation_sent",
+    "mark_sent",
     "metrics",
     "queue_position",
+    "reap_generations",
     "reap_orphans",
     "record_events",
     "request_cancel",
@@ -64,5 +84,7 @@ __all__ = [
     "set_checkpoint",
     "snapshots",
     "start_generation",
+    "unsent_generations",
+    "unsent_jobs",
     "upsert",
 ]

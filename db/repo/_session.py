@@ -3,6 +3,12 @@
 A repository function takes a ``Session`` or a ``sessionmaker`` (:data:`SessionLike`);
 :func:`scope` opens and closes a session for the call in the second case. State transitions are
 conditional UPDATEs (:func:`cas_row`): exactly one of several racing writers wins.
+
+Fencing: a running attempt is named by its :class:`Lease` (owner + attempt number). Every write a
+worker makes for its job names it, and the write happens only while the job is still running
+that very attempt (:func:`holds`, :func:`lock_leased_job`); a worker that was paused past its TTL
+and replaced gets :class:`LeaseLost` instead. The owner alone would not do: two attempts can
+run in one process (the same ``host:pid``), and the attempt number only ever grows.
 """
 
 from __future__ import annotations
@@ -10,9 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, and_, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +27,56 @@ from db.models import Job, utcnow
 
 SessionLike = Session | sessionmaker[Session]
 MAX_ERROR_MESSAGE = 500
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The fencing token of one running attempt: who runs it, and which attempt it is."""
+
+    owner: str
+    attempt: int
+
+    @classmethod
+    def of(cls, row: Any) -> Lease:
+        """The lease a freshly claimed row (a ``Job`` or ``Generation``) grants."""
+        return cls(str(row.lease_owner), int(row.attempt))
+
+
+class LeaseLost(RuntimeError):
+    """A write named a lease that is no longer current (the job moved on without this worker)."""
+
+
+def holds(model: Any, lease: Lease) -> ColumnElement[bool]:
+    """The row is running the attempt ``lease`` names (the fencing condition of every write)."""
+    return and_(
+        model.status == "running",
+        model.lease_owner == lease.owner,
+        model.attempt == lease.attempt,
+    )
+
+
+def lock_leased_job(s: Session, job_id: str, lease: Lease | None) -> Job:
+    """The job row, locked for this transaction (FOR UPDATE on PostgreSQL; SQLite's write lock
+    is already held by ``BEGIN IMMEDIATE``), after checking ``lease`` when one is given.
+
+    Raises LookupError if there is no such job, LeaseLost if ``lease`` is stale; both roll back.
+    """
+    job = s.execute(
+        select(Job)
+        .where(Job.id == job_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if job is None:
+        s.rollback()
+        raise LookupError(f"no job {job_id!r}")
+    if lease is not None and not (
+        job.status == "running" and job.lease_owner == lease.owner and job.attempt == lease.attempt
+    ):
+        state = f"{job.status}, attempt {job.attempt} of {job.lease_owner}"
+        s.rollback()
+        raise LeaseLost(f"job {job_id}: {lease} is stale ({state})")
+    return job
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import posixpath
 from sqlalchemy import select
 
 from db.models import Artifact, utcnow
-from db.repo._session import SessionLike, scope, upsert
+from db.repo._session import Lease, SessionLike, lock_leased_job, scope, upsert
 
 
 def _check_relative(path: str) -> str:
@@ -18,11 +18,23 @@ def _check_relative(path: str) -> str:
 
 
 def add_artifact(
-    s: SessionLike, *, job_id: str, kind: str, path: str, size_bytes: int, sha256: str
+    s: SessionLike,
+    *,
+    job_id: str,
+    kind: str,
+    path: str,
+    size_bytes: int,
+    sha256: str,
+    lease: Lease | None = None,
 ) -> Artifact:
-    """Record a produced file; idempotent on (job_id, kind, path) (the newest size/hash win)."""
+    """Record a produced file; idempotent on (job_id, kind, path) (the newest size/hash win).
+
+    ``lease``: the worker's fencing token; LeaseLost (nothing recorded) if it is stale.
+    """
     path = _check_relative(path)
     with scope(s) as session:
+        if lease is not None:
+            lock_leased_job(session, job_id, lease)
         upsert(
             session,
             Artifact,

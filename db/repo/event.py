@@ -3,17 +3,30 @@
 :func:`record_events` appends a batch of ``Event.to_dict()`` payloads and derives metric points,
 evaluations, architecture snapshots (through :func:`db.snapshot.merge_snapshot`, the rule the
 Monitor's live view uses too) and the job's progress fields, in one transaction.
+
+A worker numbers its events itself (``first_seq``) and names its lease: a batch retried after a
+failure whose outcome it could not see (the commit went through, the answer was lost) inserts
+nothing twice, and a worker that lost its lease cannot write at all.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import ArchSnapshot, EvalPoint, Event, Job, MetricPoint, utcnow
-from db.repo._session import SessionLike, finite, next_seq, scope, upsert
+from db.repo._session import (
+    Lease,
+    SessionLike,
+    finite,
+    lock_leased_job,
+    next_seq,
+    scope,
+    upsert,
+)
 from db.snapshot import Snapshot, json_safe, merge_snapshot, snapshot_from_row, snapshot_of
 
 
@@ -61,6 +74,9 @@ def _progress(job: Job, e: dict[str, Any]) -> None:
         job.params = job.params or job.source_params
         if e.get("resumed_from") is not None:
             job.resumed_from_step = int(e["resumed_from"])
+            # the checkpoint on disk is authoritative: a crash after its rename left the DB
+            # behind (R5), a corrupt newer one was skipped (R21)
+            job.last_checkpoint_step = int(e["resumed_from"])
     elif kind == "step":
         job.params = e.get("params", job.params)
         job.phase = e.get("phase", job.phase)
@@ -108,35 +124,76 @@ def _eval_row(job_id: str, e: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def record_events(s: SessionLike, *, job_id: str, events: list[dict[str, Any]]) -> int:
+def _insert_absent(s: Session, rows: list[dict[str, Any]]) -> None:
+    """INSERT the event rows, skipping any (job, seq) already there (SQLite and PostgreSQL)."""
+    if not rows:
+        return
+    dialect = s.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    s.execute(insert(Event).values(rows).on_conflict_do_nothing(index_elements=["job_id", "seq"]))
+
+
+def last_event_seq(s: SessionLike, *, job_id: str) -> int:
+    """The seq of the job's newest event (0 if none): a sink numbers its events after it."""
+    with scope(s) as session:
+        last = session.scalar(
+            select(func.coalesce(func.max(Event.seq), 0)).where(Event.job_id == job_id)
+        )
+        session.rollback()
+        return int(last or 0)
+
+
+def record_events(
+    s: SessionLike,
+    *,
+    job_id: str,
+    events: list[dict[str, Any]],
+    first_seq: int | None = None,
+    lease: Lease | None = None,
+) -> int:
     """Append a batch of event dicts (``Event.to_dict()``) and derive the queryable rows.
 
-    Events get per-job seqs continuing the log. 'step' upserts a MetricPoint on (job, step) so
-    a resumed attempt does not duplicate; 'eval' upserts an EvalPoint; 'started' / 'pruned' /
-    'finished' store source / pruned / final ArchSnapshots (:mod:`db.snapshot`); the job's
-    progress fields follow. Returns the last event seq. One transaction; the job row is locked
-    (FOR UPDATE on PostgreSQL, the write lock on SQLite) so concurrent writers cannot reuse a seq.
+    Seqs: ``first_seq``, ``first_seq + 1``, ... when given (the writer numbers its events; an
+    event whose (job, seq) is already stored is skipped with everything derived from it, so a
+    retried batch changes nothing twice); else the next ones after the log's end. 'step'
+    upserts a MetricPoint on (job, step) so a resumed attempt does not duplicate; 'eval'
+    upserts an EvalPoint; 'started' / 'pruned' / 'finished' store source / pruned / final
+    ArchSnapshots (:mod:`db.snapshot`); the job's progress fields follow. Returns the last event
+    seq of the batch. One transaction; the job row is locked (FOR UPDATE on PostgreSQL, the
+    write lock on SQLite) so concurrent writers cannot reuse a seq.
+
+    ``lease``: the writer's fencing token; LeaseLost (nothing written) unless that attempt is
+    the job's running one. ``None`` writes unconditionally (tools and tests).
     """
     with scope(s) as session:
-        job = session.execute(
-            select(Job)
-            .where(Job.id == job_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).scalar_one_or_none()
-        if job is None:
-            session.rollback()
-            raise LookupError(f"no job {job_id!r}")
-        seq = next_seq(session, Event, job_id) - 1
+        job = lock_leased_job(session, job_id, lease)
+        if first_seq is None:
+            first_seq = next_seq(session, Event, job_id)
+        last = first_seq + len(events) - 1
+        stored = set(
+            session.scalars(
+                select(Event.seq).where(
+                    Event.job_id == job_id, Event.seq >= first_seq, Event.seq <= last
+                )
+            )
+        )
         metrics_by_step: dict[int, dict[str, Any]] = {}
         evals_by_key: dict[tuple[int, str, str], dict[str, Any]] = {}
         snaps: list[Snapshot] = []
-        for raw in events:
+        new_rows: list[dict[str, Any]] = []
+        for seq, raw in enumerate(events, start=first_seq):
+            if seq in stored:  # written by an earlier try of this very batch
+                continue
             e = json_safe(dict(raw))
             kind = str(e.get("type", "event"))
-            seq += 1
-            session.add(
-                Event(job_id=job_id, seq=seq, type=kind, step=int(e.get("step", 0)), payload=e)
+            new_rows.append(
+                {
+                    "job_id": job_id,
+                    "seq": seq,
+                    "type": kind,
+                    "step": int(e.get("step", 0)),
+                    "payload": e,
+                }
             )
             if kind == "step":
                 row = _metric_row(job_id, e)
@@ -147,6 +204,7 @@ def record_events(s: SessionLike, *, job_id: str, events: list[dict[str, Any]]) 
             elif (snap := snapshot_of(e)) is not None:
                 snaps.append(snap)
             _progress(job, e)
+        _insert_absent(session, new_rows)
         _store_snapshots(session, job_id, snaps)
         upsert(session, MetricPoint, list(metrics_by_step.values()), keys=("job_id", "step"))
         upsert(
@@ -157,7 +215,7 @@ def record_events(s: SessionLike, *, job_id: str, events: list[dict[str, Any]]) 
         )
         job.updated_at = utcnow()
         session.commit()
-        return seq
+        return last
 
 
 def events_after(s: SessionLike, *, job_id: str, cursor: int = 0, limit: int = 500) -> list[Event]:

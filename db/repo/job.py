@@ -5,6 +5,7 @@ Functions that change state commit before they return, so each is one atomic uni
 dedicated session, not one holding other pending work. State transitions are conditional
 UPDATEs (compare-and-set), so two workers, the reaper and a cancel can race without a lock
 manager: exactly one wins, and terminal statuses (succeeded, failed, cancelled) never change.
+A worker's own writes are fenced by its lease (owner + attempt, see ``_session.Lease``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, literal, or_, select
+from sqlalchemy import ColumnElement, and_, exists, func, literal, or_, select
+from sqlalchemy.orm import aliased
 
 from db.models import TERMINAL_STATUSES, Job, UTCDateTime, utcnow
-from db.repo._session import SessionLike, cas_job, load_job, one_line, scope
+from db.repo._session import Lease, SessionLike, cas_job, holds, load_job, one_line, scope
+
+
+def _ours(worker_id: str, attempt: int | None) -> ColumnElement[bool]:
+    """Running under ``worker_id`` (and that very ``attempt`` when given: the fencing token)."""
+    if attempt is None:
+        return and_(Job.status == "running", Job.lease_owner == worker_id)
+    return holds(Job, Lease(worker_id, attempt))
 
 
 def create_job(
@@ -135,15 +144,27 @@ def claim_job(
 
 
 def heartbeat(
-    s: SessionLike, *, job_id: str, worker_id: str, ttl_s: float, now: datetime | None = None
+    s: SessionLike,
+    *,
+    job_id: str,
+    worker_id: str,
+    ttl_s: float,
+    attempt: int | None = None,
+    now: datetime | None = None,
 ) -> bool:
-    """Extend our lease. False means the lease is no longer ours: the worker must stop."""
+    """Extend our lease. False means the lease is no longer ours: the worker must stop.
+
+    A worker passes its ``attempt`` (a later attempt of the same ``host:pid`` is not ours);
+    ``None`` checks the owner only. Renewing a lease that expired but was not taken over yet
+    is allowed: a takeover changes status or attempt in one compare-and-set, so either the
+    renewal or the takeover wins, never both.
+    """
     now = now or utcnow()
     with scope(s) as session:
         return cas_job(
             session,
             job_id,
-            and_(Job.status == "running", Job.lease_owner == worker_id),
+            _ours(worker_id, attempt),
             lease_expires_at=now + timedelta(seconds=ttl_s),
             heartbeat_at=now,
         )
@@ -155,10 +176,12 @@ def finish_job(
     job_id: str,
     worker_id: str,
     status: str,
+    attempt: int | None = None,
     error_code: str | None = None,
     error_message: str | None = None,
 ) -> bool:
-    """Move a running job we hold the lease of to a terminal status. False if refused."""
+    """Move a running job we hold the lease of (``attempt`` too, when given: a worker always
+    gives it) to a terminal status. False if refused: the lease is stale."""
     if status not in TERMINAL_STATUSES:
         raise ValueError(f"finish_job needs a terminal status, got {status!r}")
     now = utcnow()
@@ -166,7 +189,7 @@ def finish_job(
         return cas_job(
             session,
             job_id,
-            and_(Job.status == "running", Job.lease_owner == worker_id),
+            _ours(worker_id, attempt),
             status=status,
             finished_at=now,
             lease_expires_at=None,
@@ -260,7 +283,9 @@ def reap_orphans(s: SessionLike, *, now: datetime | None = None) -> list[str]:
                     error_code="max_attempts",
                     error_message=f"worker lost {row.attempt} times; gave up",
                 )
-            elif cas_job(session, row.id, seen, status="queued", lease_expires_at=None):
+            elif cas_job(
+                session, row.id, seen, status="queued", lease_expires_at=None, sent_at=None
+            ):
                 requeued.append(row.id)
     return requeued
 
@@ -271,7 +296,54 @@ def set_celery_task_id(s: SessionLike, *, job_id: str, task_id: str) -> None:
         cas_job(session, job_id, Job.id == job_id, celery_task_id=task_id)
 
 
-def set_checkpoint(s: SessionLike, *, job_id: str, step: int) -> None:
-    """Record the latest complete checkpoint step (the filesystem stays authoritative)."""
+def mark_sent(
+    s: SessionLike, *, job_id: str, task_id: str | None = None, now: datetime | None = None
+) -> bool:
+    """Record that a broker message for the queued job was just sent (and its task id)."""
+    values: dict[str, Any] = {"sent_at": now or utcnow()}
+    if task_id is not None:
+        values["celery_task_id"] = task_id
     with scope(s) as session:
-        cas_job(session, job_id, Job.id == job_id, last_checkpoint_step=step)
+        return cas_job(session, job_id, Job.status == "queued", **values)
+
+
+def unsent_jobs(s: SessionLike, *, grace_s: float, now: datetime | None = None) -> list[str]:
+    """Queued jobs that have no live broker message, as far as the DB can tell; oldest first.
+
+    Two cases, each only once ``grace_s`` passed (a submit in progress commits the row, then
+    sends): no message was sent since the job (re)entered the queue (the send or the reaper's
+    re-send failed); or one was sent more than ``grace_s`` ago while nothing runs on its queue,
+    so an idle worker would have taken it had it arrived (lost by the broker, or acked by a
+    delivery that failed before its claim). A wrong guess costs a duplicate message, which is
+    a no-op; a wrong "live" guess would leave the job queued forever.
+    """
+    now = now or utcnow()
+    before = now - timedelta(seconds=grace_s)
+    other = aliased(Job)
+    busy = exists().where(
+        other.queue == Job.queue, other.status == "running", other.lease_expires_at >= now
+    )
+    stmt = (
+        select(Job.id)
+        .where(
+            Job.status == "queued",
+            Job.cancel_requested_at.is_(None),
+            Job.updated_at < before,
+            or_(Job.sent_at.is_(None), and_(Job.sent_at < before, ~busy)),
+        )
+        .order_by(Job.created_at, Job.id)
+    )
+    with scope(s) as session:
+        ids = list(session.scalars(stmt))
+        session.rollback()
+        return ids
+
+
+def set_checkpoint(s: SessionLike, *, job_id: str, step: int, lease: Lease | None = None) -> bool:
+    """Record the latest complete checkpoint step (the filesystem stays authoritative).
+
+    With ``lease`` (a worker's write) only while that attempt runs; False if refused.
+    """
+    where = Job.id == job_id if lease is None else holds(Job, lease)
+    with scope(s) as session:
+        return cas_job(session, job_id, where, last_checkpoint_step=step)

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -231,8 +232,12 @@ def export_model(
     fmt: ExportFormat = "auto",
     verify: bool = True,
     extra_files: dict[str, str | bytes] | None = None,
+    fault: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Write ``model`` (heterogeneous or family) to ``out_dir``; see the module docstring."""
+    """Write ``model`` (heterogeneous or family) to ``out_dir``; see the module docstring.
+
+    ``fault`` (crash tests): called with ``"export_mid_write"`` once the weights are in the
+    temporary folder and before the tokenizer, the extra files and the install."""
     out = Path(out_dir).resolve()
     model = _as_efficientllm(model)
     chosen = _choose_format(model, fmt, verify)
@@ -240,6 +245,8 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_model(model, tmp, chosen)
+        if fault:
+            fault("export_mid_write")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_extra(tmp, extra_files or {})

@@ -7,6 +7,7 @@ On several processes rank 0 alone evaluates, writes checkpoints, the export and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from efficientllm.training.events import (
     PhaseChanged,
     Stopped,
 )
-from efficientllm.training.result import RunResult, export_run, write_result
+from efficientllm.training.result import RunResult, export_run, export_run_gguf, write_result
 from efficientllm.training.schedule import StepPlan
 from efficientllm.training.state import TrainState
+
+log = logging.getLogger(__name__)
 
 
 class RunOutputs:
@@ -33,6 +36,7 @@ class RunOutputs:
     cfg: RunConfig
     sink: EventSink
     fault: Callable[[str], None] | None
+    may_write: Callable[[], bool]
     out: Path
     ckpt_dir: Path
     state: TrainState | None
@@ -62,6 +66,13 @@ class RunOutputs:
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < plan.total_steps:
             self._checkpoint()
 
+    def _writes_allowed(self, what: str) -> bool:
+        """``may_write()`` on every rank, agreed (one refusal skips the write everywhere)."""
+        if self.world.any(not self.may_write()):
+            log.warning("not writing the %s at step %d: writes are no longer ours", what, self.step)
+            return False
+        return True
+
     def _stop(self, losses: dict[int, float]) -> RunResult:
         assert self.state is not None
         self._checkpoint()
@@ -75,6 +86,10 @@ class RunOutputs:
         shape = self.state.shape
         if self.plan.prune_end_step < self.plan.total_steps and self.cfg.train.eval_tokens:
             self._evaluate("final")
+        if not self._writes_allowed("export"):
+            return RunResult(
+                "stopped", self.step, shape.num_params(), None, losses, self._teacher_flops()
+            )
         path = self._export()
         result = RunResult(
             "finished", self.step, shape.num_params(), path, losses, self._teacher_flops()
@@ -125,6 +140,11 @@ class RunOutputs:
 
     def _checkpoint(self) -> None:
         assert self.state is not None
+        if not self._writes_allowed("checkpoint"):
+            return
+        flush = getattr(self.sink, "flush", None)
+        if callable(flush):  # the steps this checkpoint covers are recorded before it exists:
+            flush()  # a crash after its rename resumes past them, and they would be lost
         t = self.cfg.train
         st = self.state
         path = self.world.on_main(  # rank 0 writes, the others wait (and resume from it)
@@ -142,6 +162,9 @@ class RunOutputs:
                 model, self.tokenizer, self.cfg, split=self.data.split, fault=self.fault
             )
         )
+        gguf, note = self.world.on_main(
+            lambda: export_run_gguf(model, self.tokenizer, self.cfg, fault=self.fault)
+        )
         self.sink.emit(
             Exported(
                 step=self.step,
@@ -149,6 +172,8 @@ class RunOutputs:
                 path=str(res.path),
                 format=res.fmt,
                 params=res.num_params,
+                gguf=None if gguf is None else str(gguf),
+                gguf_note=note,
             )
         )
         return Path(res.path)

@@ -72,6 +72,8 @@ def export_run(
     target = out / "export"
     if target.exists():
         shutil.rmtree(target)  # a previous attempt died after exporting; redo it whole
+    for partial in [*out.glob(f".{target.name}.tmp-*"), *out.glob(f".{target.name}.old-*")]:
+        shutil.rmtree(partial, ignore_errors=True)  # what a process killed mid-export left
     extra: dict[str, str | bytes] = {
         "run_config.json": json.dumps(cfg.to_dict(), indent=2),
         "data_split.json": json.dumps(split, indent=2),
@@ -82,5 +84,40 @@ def export_run(
     if fault:
         fault("before_export")
     return export_model(
-        model, target, tokenizer=tokenizer, fmt=cfg.export.format, extra_files=extra
+        model, target, tokenizer=tokenizer, fmt=cfg.export.format, extra_files=extra, fault=fault
     )
+
+
+GGUF_DIR = "gguf"
+"""The run's GGUF file lives in ``<out_dir>/gguf/`` (beside, not inside, the export folder)."""
+
+
+def export_run_gguf(
+    model: Any,
+    tokenizer: Any,
+    cfg: RunConfig,
+    *,
+    fault: Callable[[str], None] | None = None,
+) -> tuple[Path | None, str | None]:
+    """Write the run's GGUF file (``cfg.export.gguf``) to ``<out_dir>/gguf/model-<type>.gguf``:
+    (its path, None), or (None, why not) when it is off or the model cannot be represented.
+
+    A GGUF the model cannot have is a note, not a failed run: the safetensors export stands.
+    """
+    from efficientllm.errors import ExportError
+    from efficientllm.export import export_gguf
+
+    dtype = cfg.export.gguf
+    if dtype == "none":
+        return None, None
+    folder = Path(cfg.out_dir) / GGUF_DIR
+    if folder.exists():
+        shutil.rmtree(folder)  # an earlier attempt's file: written again from this model
+    if fault:
+        fault("before_gguf")
+    try:
+        path = export_gguf(model, tokenizer, folder / f"model-{dtype}.gguf", dtype=dtype)
+    except ExportError as err:
+        log.warning("no GGUF file: %s", err)
+        return None, str(err)
+    return path, None

@@ -70,6 +70,7 @@ class Trainer(RunOutputs):
         sink: EventSink | None = None,
         should_stop: Callable[[], bool] | None = None,
         fault: Callable[[str], None] | None = None,
+        may_write: Callable[[], bool] | None = None,
     ) -> None:
         self.cfg = cfg
         self.sink: EventSink = sink or ListSink()
@@ -77,6 +78,9 @@ class Trainer(RunOutputs):
             self.sink = NullSink()
         self.should_stop = should_stop or (lambda: False)
         self.fault = fault
+        self.may_write = may_write or (lambda: True)
+        """Asked right before a checkpoint or the export is written; False skips the write
+        (e.g. a worker whose job lease was lost: another process owns the run now)."""
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.state: TrainState | None = None
