@@ -6,19 +6,23 @@ all depend on it and never on each other's builders (no import cycles inside ``a
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 import db
 
 LOCAL_USER = "local"
 DEFAULT_MAX_UPLOAD_MB = 200
+DEFAULT_SESSION_HOURS = 12
+DEFAULT_MAX_ACTIVE_JOBS = 4
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,8 +35,18 @@ class AppContext:
     """username -> password; None: no login, every job belongs to ``local``."""
     max_upload_bytes: int
     queue: str = "gpu"
-    gradio_app: FastAPI | None = None
-    """The mounted Gradio app (its login tokens identify users on our own routes)."""
+    secret_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    """Signs the session cookies (``EFFICIENTLLM_SECRET_KEY``; unset: random per process, so a
+    restart logs everyone out)."""
+    session_max_age_s: float = DEFAULT_SESSION_HOURS * 3600
+    """How long a login lasts (``EFFICIENTLLM_SESSION_HOURS``)."""
+    models_dir: Path | None = None
+    """With login on: the only folder local models may be read from (``EFFICIENTLLM_MODELS_DIR``,
+    default ``<data>/models``); the model fields accept hub ids and folders inside it. None (login
+    off): any hub id or local path, as before."""
+    max_active_jobs: int | None = None
+    """With login on: queued + running jobs one user may have
+    (``EFFICIENTLLM_MAX_ACTIVE_JOBS_PER_USER``, 0 = none); None (login off): no limit."""
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -43,19 +57,6 @@ class AppContext:
     def owner(self, username: str | None) -> str:
         """The job owner for a (possibly anonymous) Gradio user."""
         return username if self.users and username else LOCAL_USER
-
-    def user_of(self, request: Request) -> str | None:
-        """The logged-in user behind an HTTP request (None when logged out)."""
-        if not self.users:
-            return LOCAL_USER
-        app = self.gradio_app
-        if app is None:
-            return None
-        cookie_id = getattr(app, "cookie_id", "")
-        token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
-            f"access-token-unsecure-{cookie_id}"
-        )
-        return getattr(app, "tokens", {}).get(token) if token else None
 
 
 def parse_users(text: str | None) -> dict[str, str] | None:
@@ -78,17 +79,33 @@ def make_context() -> AppContext:
 
         settings = get_settings()
         data, url, queue = settings.data_dir, settings.db_url, settings.queue
+        max_active = settings.max_active_jobs_per_user
     except ImportError:  # pragma: no cover - worker/ not installed: same defaults
         data, url, queue = db.engine.data_dir(), db.default_url(), "gpu"
+        max_active = DEFAULT_MAX_ACTIVE_JOBS
     data = Path(data).resolve()
     data.mkdir(parents=True, exist_ok=True)
     engine = db.make_engine(url)
     db.upgrade_to_head(engine)
-    mb = int(os.environ.get("EFFICIENTLLM_MAX_UPLOAD_MB") or DEFAULT_MAX_UPLOAD_MB)
-    return AppContext(
+    env = os.environ
+    mb = int(env.get("EFFICIENTLLM_MAX_UPLOAD_MB") or DEFAULT_MAX_UPLOAD_MB)
+    users = parse_users(env.get("EFFICIENTLLM_USERS"))
+    ctx = AppContext(
         sessions=db.session_factory(engine),
         data_dir=data,
-        users=parse_users(os.environ.get("EFFICIENTLLM_USERS")),
+        users=users,
         max_upload_bytes=mb * 2**20,
         queue=queue,
     )
+    if users:
+        secret = env.get("EFFICIENTLLM_SECRET_KEY", "").strip()
+        if secret:
+            ctx.secret_key = secret.encode("utf-8")
+        else:
+            log.warning("EFFICIENTLLM_SECRET_KEY is unset: a random key; a restart logs out all")
+        hours = float(env.get("EFFICIENTLLM_SESSION_HOURS") or DEFAULT_SESSION_HOURS)
+        ctx.session_max_age_s = hours * 3600
+        models = env.get("EFFICIENTLLM_MODELS_DIR", "").strip()
+        ctx.models_dir = Path(models).resolve() if models else data / "models"
+        ctx.max_active_jobs = max_active or None
+    return ctx

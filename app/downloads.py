@@ -1,8 +1,10 @@
-"""``GET /api/jobs/{job_id}/artifact``: a job's export as a zip, for its owner only.
+"""``GET /api/jobs/{job_id}/artifact``: a job's export as a zip (``?format=gguf``: its GGUF
+file for llama.cpp), for its owner only.
 
 The files are chosen by the server: the job's ``export`` Artifact rows, relative to the
 artifacts root (the data directory). Not found, not owned, not finished, or a path that resolves
-outside the root (``..``, absolute, a planted symlink) all answer the same 404. Gradio's own file
+outside the root (``..``, absolute, a planted symlink) all answer the same 404; logged out (login
+on) is a 401 from the :func:`app.auth.requirer` dependency. Gradio's own file
 routes are never used for this (no ``allowed_paths``).
 """
 
@@ -16,10 +18,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
+from app import auth
 from app.context import AppContext
 from db import repo
 
@@ -65,6 +68,23 @@ def export_files(ctx: AppContext, *, job_id: str, owner: str) -> list[tuple[Path
     return out
 
 
+def gguf_file(ctx: AppContext, *, job_id: str, owner: str) -> Path | None:
+    """The recorded GGUF file of ``owner``'s job (artifact kind ``gguf``), or None = 404."""
+    if not _JOB_ID.match(job_id):
+        return None
+    with ctx.session() as s:
+        if repo.get_job(s, job_id=job_id, owner=owner) is None:
+            return None
+        rels = [a.path for a in repo.artifacts(s, job_id=job_id, kind="gguf")]
+    if not rels:
+        return None
+    path = inside(ctx.data_dir, rels[-1])
+    if path is None or not path.is_file():
+        log.warning("job %s: GGUF file %r is missing or outside the root", job_id, rels[-1])
+        return None
+    return path
+
+
 def _zip(files: list[tuple[Path, str]], dest: Path) -> None:
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for path, arcname in files:
@@ -76,10 +96,20 @@ def router(ctx: AppContext) -> APIRouter:
     api = APIRouter()
 
     @api.get("/api/jobs/{job_id}/artifact")
-    def download(job_id: str, request: Request) -> FileResponse:
-        user = ctx.user_of(request)
-        if user is None:
-            raise _not_found()
+    def download(
+        job_id: str, format: str = "zip", user: str = Depends(auth.requirer(ctx))
+    ) -> FileResponse:
+        if format == "gguf":
+            gguf = gguf_file(ctx, job_id=job_id, owner=user)
+            if gguf is None:
+                raise _not_found()
+            return FileResponse(
+                gguf,
+                media_type="application/octet-stream",
+                filename=f"efficientllm-{job_id[:8]}-{gguf.name}",
+            )
+        if format != "zip":
+            raise HTTPException(status_code=400, detail="format must be zip or gguf")
         files = export_files(ctx, job_id=job_id, owner=user)
         if not files:
             raise _not_found()

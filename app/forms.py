@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
+from app import model_policy
 from efficientllm.config import RunConfig, field_docs
 from efficientllm.errors import ConfigError, DataError, ModelNotFoundError
 from efficientllm.presets import DEMO_MODEL, merge, preset_dict, preset_names
@@ -47,6 +48,7 @@ ADVANCED: dict[str, tuple[str, str]] = {
     "distill_temperature": ("distill", "temperature"),
     "distill_phases": ("distill", "phases"),
     "distill_teacher": ("distill", "teacher"),
+    "gguf": ("export", "gguf"),
 }
 """Advanced widgets that hold their config field's value as is (numbers parsed, text stripped);
 their defaults, choices and help texts come from the config dataclasses."""
@@ -105,6 +107,7 @@ class FormValues:
     distill_temperature: float = config_default("distill", "temperature")
     distill_phases: str = config_default("distill", "phases")
     distill_teacher: str = config_default("distill", "teacher")
+    gguf: str = config_default("export", "gguf")
 
     def as_list(self) -> list[Any]:
         """Values in widget order (the order of the dataclass fields)."""
@@ -142,12 +145,17 @@ def save_upload(src: str | Path, *, owner: str, data_root: Path, max_bytes: int)
     return UPLOAD_PREFIX + name
 
 
-def dataset_paths(dataset: str, *, owner: str, data_root: Path) -> tuple[list[str], list[str]]:
-    """(data.train, data.heldout) for a dataset name; only the three kinds are accepted."""
+def dataset_paths(
+    dataset: str, *, owner: str, data_root: Path, hub_ids_only: bool = False
+) -> tuple[list[str], list[str]]:
+    """(data.train, data.heldout) for a dataset name; only the three kinds are accepted
+    (``hub_ids_only``, with login on: ``hub:<id>`` must be a valid Hub id, never a path)."""
     dataset = dataset.strip()
     if dataset == DEMO_DATA:
         return [DEMO_DATA], [DEMO_HELDOUT]
     if dataset.startswith("hub:") and len(dataset) > 4:
+        if hub_ids_only and not model_policy.is_hub_id(dataset[4:]):
+            raise DataError(f"{dataset[:70]!r}: write hub:<dataset id> with a valid Hub id")
         return [dataset], []
     if dataset.startswith(UPLOAD_PREFIX):
         name = dataset[len(UPLOAD_PREFIX) :]
@@ -161,24 +169,38 @@ def dataset_paths(dataset: str, *, owner: str, data_root: Path) -> tuple[list[st
     )
 
 
-def form_to_config(values: FormValues, *, owner: str, data_root: Path) -> dict[str, Any]:
-    """The validated config dict for these widget values (raises ``ConfigError`` & co.)."""
+def form_to_config(
+    values: FormValues, *, owner: str, data_root: Path, models_dir: Path | None = None
+) -> dict[str, Any]:
+    """The validated config dict for these widget values (raises ``ConfigError`` & co.).
+
+    ``models_dir`` (login on): the model fields take hub ids and folders inside it only
+    (:mod:`app.model_policy`), and ``hub:`` datasets valid Hub ids; None: anything, as before.
+    """
     problems: list[str] = []
     if values.preset not in preset_names():
         problems.append(f"preset {values.preset!r} is unknown")
     base = preset_dict(values.preset) if not problems else {}
     try:
-        train, heldout = dataset_paths(values.dataset, owner=owner, data_root=data_root)
+        train, heldout = dataset_paths(
+            values.dataset, owner=owner, data_root=data_root, hub_ids_only=models_dir is not None
+        )
     except DataError as err:
         problems.append(f"data.train: {err}")
         train, heldout = [], []
+    model = _checked_source(values.model, models_dir, "model.source", problems)
     tokens = _number(values.total_tokens, "train.total_tokens", problems, integer=True)
     fraction = _number(values.prune_fraction, "schedule.prune_fraction", problems)
     advanced = _advanced_overrides(values, problems)
+    teacher = advanced.get("distill", {}).get("teacher")
+    if teacher:
+        advanced["distill"]["teacher"] = _checked_source(
+            teacher, models_dir, "distill.teacher", problems
+        )
     if problems:
         raise ConfigError(problems)
     overrides = {
-        "model": {"source": values.model.strip()},
+        "model": {"source": model},
         "budget": {"target": values.budget.strip(), "granularity": values.granularity},
         "data": {"train": train, "heldout": heldout},
         "train": {"total_tokens": tokens},
@@ -199,6 +221,18 @@ def _advanced_overrides(values: FormValues, problems: list[str]) -> dict[str, di
             value = value.strip()
         out.setdefault(section, {})[key] = value
     return out
+
+
+def _checked_source(value: Any, models_dir: Path | None, where: str, problems: list[str]) -> Any:
+    """A model field's value after :func:`app.model_policy.check_source` (stripped text)."""
+    text = value.strip() if isinstance(value, str) else value
+    if models_dir is None or not isinstance(text, str) or not text:
+        return text  # RunConfig's own validation reports an empty or non-text source
+    try:
+        return model_policy.check_source(text, models_dir=models_dir, where=where)
+    except ConfigError as err:
+        problems.extend(err.problems)
+        return text
 
 
 def _number(value: Any, where: str, problems: list[str], *, integer: bool = False) -> Any:

@@ -1,9 +1,12 @@
 """Build the web app: FastAPI with our own routes, Gradio Blocks mounted at ``/``.
 
 ``create_app()`` reads the environment (``DATABASE_URL``, ``EFFICIENTLLM_DATA``,
-``EFFICIENTLLM_USERS="alice:pw,bob:pw"``, ``EFFICIENTLLM_MAX_UPLOAD_MB``), migrates the DB and
-returns the ASGI app. Gradio gets ``ssr_mode=False``, no ``allowed_paths`` and an upload size
-limit; downloads go through :mod:`app.downloads` only.
+``EFFICIENTLLM_USERS="alice:pw,bob:pw"``, ``EFFICIENTLLM_MAX_UPLOAD_MB``; with login on also
+``EFFICIENTLLM_SECRET_KEY``, ``EFFICIENTLLM_SESSION_HOURS``, ``EFFICIENTLLM_MODELS_DIR`` and
+``EFFICIENTLLM_MAX_ACTIVE_JOBS_PER_USER``), migrates the DB and returns the ASGI app. Gradio
+gets ``ssr_mode=False``, no ``allowed_paths`` and an upload size limit; downloads go through
+:mod:`app.downloads` only; login, sessions and the gate live in :mod:`app.login` and
+:mod:`app.auth` (Gradio's own ``auth=`` is not used: no rate limit, no lockout).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import signal
 import sys
 
 from fastapi import FastAPI
-from starlette.routing import Mount
 
 from app.context import AppContext, make_context
 
@@ -23,27 +25,37 @@ log = logging.getLogger(__name__)
 
 
 def create_app(ctx: AppContext | None = None) -> FastAPI:
-    """The ASGI app: ``/api/...`` routes first, then Gradio at ``/``."""
+    """The ASGI app: ``/login``, ``/logout`` and ``/api/...`` routes first, then Gradio at ``/``.
+
+    With login on, :class:`app.auth.LoginGate` wraps everything (no session: a page load is sent
+    to ``/login``, anything else gets 401) and :func:`app.auth.user_of` is Gradio's
+    ``auth_dependency``, which puts the user name on ``gr.Request``. With login off neither is
+    installed: the app is exactly the single-user one.
+    """
+    import functools
+
     import gradio as gr
 
-    from app import downloads, views
+    from app import auth, downloads, login, views
 
     ctx = ctx or make_context()
     api = FastAPI(title="EfficientLLM", docs_url=None, redoc_url=None, openapi_url=None)
+    if ctx.users:
+        api.include_router(login.router(ctx, login.FailureLimiter()))
     api.include_router(downloads.router(ctx))
     blocks = views.build(ctx)
-    auth = list(ctx.users.items()) if ctx.users else None
     api = gr.mount_gradio_app(
         api,
         blocks,
         path="/",
-        auth=auth,
+        auth_dependency=functools.partial(auth.user_of, ctx) if ctx.users else None,
         ssr_mode=False,
         allowed_paths=[],
         max_file_size=ctx.max_upload_bytes,
         show_error=False,
     )
-    ctx.gradio_app = next(r.app for r in api.routes if isinstance(r, Mount))  # type: ignore[assignment]
+    if ctx.users:
+        api.add_middleware(auth.LoginGate, ctx=ctx)
     return api
 
 

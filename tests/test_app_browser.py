@@ -61,7 +61,8 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, Path, Path]]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update(EFFICIENTLLM_DATA=str(data), EFFICIENTLLM_USERS="alice:pw-a,bob:pw-b",
                APP_ENV="test", FAULT_STEP_DELAY_S="0.15", EFFICIENTLLM_EVENT_FLUSH_S="0.2",
-               EFFICIENTLLM_TEST_THREADS="1", OMP_NUM_THREADS="1")  # fmt: skip
+               EFFICIENTLLM_TEST_THREADS="1", OMP_NUM_THREADS="1",
+               EFFICIENTLLM_MODELS_DIR=str(tmp_path))  # fmt: skip
     log = (tmp_path / "app.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "--port", str(port)], cwd=ROOT, env=env,
@@ -71,7 +72,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, Path, Path]]:
     try:
         for _ in range(120):
             try:
-                urllib.request.urlopen(url + "/config", timeout=1)
+                urllib.request.urlopen(url + "/login", timeout=1)  # login on: the rest is 401
                 break
             except OSError:
                 assert proc.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
@@ -192,6 +193,11 @@ def test_launch_watch_cancel_download(server, tmp_path: Path) -> None:
             page.locator("#download-link").click()
         zpath = tmp_path / "export.zip"
         info.value.save_as(zpath)
+        with page.expect_download() as info:  # the run's GGUF file for llama.cpp
+            page.locator("#download-gguf").click()
+        gpath = tmp_path / "model.gguf"
+        info.value.save_as(gpath)
+        gguf_name = info.value.suggested_filename
 
         # the Playground: bad input is an inline message; then one generation on the worker
         page.get_by_role("tab", name="Playground").click()
@@ -218,14 +224,16 @@ def test_launch_watch_cancel_download(server, tmp_path: Path) -> None:
         bob.locator("#monitor-job input").click()
         assert bob.locator("ul[role='listbox'] li", has_text=first[:8]).count() == 0
         assert bob.request.get(f"{url}/api/jobs/{first}/artifact").status == 404
+        assert bob.request.get(f"{url}/api/jobs/{first}/artifact?format=gguf").status == 404
         browser.close()
 
     import urllib.error
 
-    for who in (first, second, "../../etc/passwd", "a" * 32):  # logged out, or nothing to serve
-        with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(f"{url}/api/jobs/{who}/artifact", timeout=5)
-        assert err.value.code == 404
+    for who in (first, second, "../../etc/passwd", "a" * 32):  # logged out: 401 before lookup
+        for query in ("", "?format=gguf"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"{url}/api/jobs/{who}/artifact{query}", timeout=5)
+            assert err.value.code == 401
 
     with zipfile.ZipFile(zpath) as zf:
         names = zf.namelist()
@@ -235,6 +243,16 @@ def test_launch_watch_cancel_download(server, tmp_path: Path) -> None:
 
     model = load_exported(tmp_path / "unzipped" / "export")
     n = sum(p.numel() for p in model.parameters())
+
+    import gguf
+
+    from efficientllm.export.llamacpp import greedy_gguf, load_gguf
+
+    reader = gguf.GGUFReader(gpath)
+    assert gguf_name.endswith("model-q8_0.gguf")
+    assert sum(int(t.n_elements) for t in reader.tensors) == n  # the same model, tied once
+    llm = load_gguf(gpath, n_ctx=64, extra_buffers=False)
+    assert len(greedy_gguf(llm, [1, 2, 3, 4], 4)) == 4  # llama.cpp runs the download
 
     import db
     from db import repo

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +36,7 @@ ADVANCED_VALUES = {
     "start_fraction": 0.1, "trajectory": "cubic", "lr_schedule": "continuous",
     "saliency_mode": "ema", "saliency_beta": 0.95, "distill_weight": 0.5,
     "distill_temperature": 2.0, "distill_phases": "recovery", "distill_teacher": "org/teacher",
+    "gguf": "f16",
 }  # fmt: skip
 """A non-default value for every Advanced widget."""
 
@@ -145,7 +149,7 @@ def test_advanced_defaults_are_the_config_defaults(tmp_path: Path) -> None:
     default, fv = RunConfig(), forms.FormValues()
     want = {w: getattr(getattr(default, sec), key) for w, (sec, key) in forms.ADVANCED.items()}
     assert {w: getattr(fv, w) for w in forms.ADVANCED} == want
-    assert len(set(forms.ADVANCED)) == 9 and not set(ADVANCED_VALUES) ^ set(forms.ADVANCED)
+    assert len(set(forms.ADVANCED)) == 10 and not set(ADVANCED_VALUES) ^ set(forms.ADVANCED)
     cfg = forms.form_to_config(values(), owner="a", data_root=tmp_path)
     assert {w: cfg[sec][key] for w, (sec, key) in forms.ADVANCED.items()} == want
     teacher = forms.form_to_config(values(distill_teacher=" org/t "), owner="a", data_root=tmp_path)
@@ -189,7 +193,156 @@ def test_importing_the_app_loads_no_torch() -> None:
     code = (
         "import sys, app.main, app.views, app.forms, app.plots, app.downloads, app.monitor\n"
         "import app.context, app.guard, app.handlers, app.playground, db.snapshot\n"
+        "import app.auth, app.login, app.model_policy\n"
         "bad = [m for m in ('torch', 'efficientllm.modeling') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# ---- the model fields on a multi-user server (login on): hub ids and one models folder ----------
+BAD_SOURCES = [
+    "../x", "/etc", "/etc/passwd", "~", "~/models", "https://huggingface.co/gpt2",
+    "http://127.0.0.1:1/x", "file:///etc", "a--b", "a..b", "org/a--b", "a\0b", "a" * 97,
+    "a/b/c", "/", "", " ", ".hidden", "org/", "/org", "x.git", "C:\\models\\x",
+    "\N{CYRILLIC SMALL LETTER A}bc",  # a look-alike letter: not the ASCII "abc"
+]  # fmt: skip
+GOOD_IDS = ["gpt2", "demo", "HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B", "a" * 96,
+            "org_1/name.v2-x", "meta-llama/Llama-3.2-1B"]  # fmt: skip
+
+
+@pytest.mark.parametrize("source", BAD_SOURCES)
+def test_model_source_rejects_paths_urls_and_bad_ids(tmp_path: Path, source: str) -> None:
+    from app import model_policy
+
+    with pytest.raises(ConfigError, match="model.source"):
+        model_policy.check_source(source, models_dir=tmp_path / "models")
+    assert not model_policy.is_hub_id(source)
+
+
+@pytest.mark.parametrize("source", GOOD_IDS)
+def test_model_source_accepts_hub_ids(tmp_path: Path, source: str) -> None:
+    from huggingface_hub.utils import validate_repo_id
+
+    from app import model_policy
+
+    assert model_policy.check_source(source, models_dir=tmp_path / "m") == source
+    validate_repo_id(source)  # the Hub's own rule agrees
+
+
+def test_model_source_folders_only_inside_the_models_dir(tmp_path: Path) -> None:
+    from app import model_policy
+
+    models = (tmp_path / "models").resolve()
+    (models / "tiny").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (models / "escape").symlink_to(tmp_path / "outside")
+    assert model_policy.check_source(str(models / "tiny"), models_dir=models) == str(
+        models / "tiny"
+    )
+    assert model_policy.check_source(f"{models}/x/../tiny/", models_dir=models) == str(
+        models / "tiny"
+    )
+    for bad, why in [
+        (f"{models}/../outside", "neither"),  # ".." climbs out: refused on the string alone
+        (str(models), "neither"),  # the folder itself is no model
+        (f"{models}-other/tiny", "neither"),  # a sibling with the same prefix
+        (str(models / "escape"), "leads outside"),  # a planted symlink
+        (str(models / "missing"), "no model folder"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            model_policy.check_source(bad, models_dir=models)
+    assert model_policy.check_source("/etc", models_dir=None) == "/etc"  # login off: unchanged
+
+
+def test_form_with_login_restricts_model_teacher_and_hub_dataset(tmp_path: Path) -> None:
+    models = (tmp_path / "models").resolve()
+    (models / "t").mkdir(parents=True)
+    kw = {"owner": "a", "data_root": tmp_path, "models_dir": models}
+    with pytest.raises(ConfigError) as err:
+        forms.form_to_config(
+            values(model="/etc", distill_teacher="../t", dataset="hub:../../etc"), **kw
+        )
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "data.train", "model.source", "distill.teacher"
+    ]  # fmt: skip
+    cfg = forms.form_to_config(
+        values(model="org/m", distill_teacher=str(models / "t"), dataset="hub:org/d"), **kw
+    )
+    assert cfg["model"]["source"] == "org/m" and cfg["distill"]["teacher"] == str(models / "t")
+    assert cfg["data"]["train"] == ["hub:org/d"]
+    open_cfg = forms.form_to_config(values(model="/etc"), owner="a", data_root=tmp_path)
+    assert open_cfg["model"]["source"] == "/etc"  # login off: nothing changes
+
+
+@contextmanager
+def fs_spy() -> Iterator[list[str]]:
+    """Record every call of the os functions a path check could use (stat, links, listings)."""
+    import os
+
+    names = ("stat", "lstat", "listdir", "scandir", "readlink", "access")
+    real = {n: getattr(os, n) for n in names}
+    calls: list[str] = []
+
+    def spy(name: str) -> Any:
+        def inner(*a: Any, **k: Any) -> Any:
+            calls.append(name)
+            return real[name](*a, **k)
+
+        return inner
+
+    try:
+        for name in names:
+            setattr(os, name, spy(name))
+        yield calls
+    finally:
+        for name, fn in real.items():
+            setattr(os, name, fn)
+
+
+def test_rejected_sources_touch_no_filesystem(tmp_path: Path) -> None:
+    """S4: Hypothesis over hostile strings: every answer is a valid ASCII hub id or a folder in
+    the models dir, and only a path inside the models dir causes any filesystem call."""
+    import posixpath
+
+    from huggingface_hub.utils import validate_repo_id
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from app import model_policy
+
+    models = (tmp_path / "models").resolve()
+    (models / "ok").mkdir(parents=True)
+    with fs_spy() as calls:  # the spy sees the check of an accepted folder
+        model_policy.check_source(str(models / "ok"), models_dir=models)
+    assert calls
+    pieces = st.sampled_from(
+        ["..", "/", "~", "-", "--", ".", "a", "Z9", "_", "\0", ":", "%2e", "\\", "http://",
+         "\N{CYRILLIC SMALL LETTER A}", "\N{FULLWIDTH SOLIDUS}", str(models), "/etc", " "]
+    )  # fmt: skip
+    hostile = st.one_of(
+        st.text(max_size=120), st.lists(pieces, max_size=8).map("".join),
+        st.from_regex(r"[A-Za-z0-9_.\-/]{1,100}", fullmatch=True),
+    )  # fmt: skip
+
+    @settings(max_examples=600, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+    @given(hostile)
+    def check(text: str) -> None:
+        with fs_spy() as calls:
+            try:
+                got: str | None = model_policy.check_source(text, models_dir=models)
+            except ConfigError:
+                got = None
+        norm = posixpath.normpath(text.strip()) if text.strip().startswith("/") else ""
+        if not norm.startswith(f"{models}/"):  # not a path inside the models dir: no I/O
+            assert calls == [], (text, calls)
+        if got is None:
+            return
+        if got.startswith("/"):
+            assert got.startswith(str(models) + "/") and Path(got).is_dir()
+        else:
+            assert got.isascii() and len(got) <= 96 and "--" not in got and ".." not in got
+            validate_repo_id(got)
+
+    check()
