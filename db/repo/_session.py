@@ -17,13 +17,14 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, and_, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, and_, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Job, utcnow
+from db.models import Job, UTCDateTime, utcnow
 
 SessionLike = Session | sessionmaker[Session]
 MAX_ERROR_MESSAGE = 500
@@ -53,6 +54,21 @@ def holds(model: Any, lease: Lease) -> ColumnElement[bool]:
         model.lease_owner == lease.owner,
         model.attempt == lease.attempt,
     )
+
+
+def claim_values(
+    model: Any, row: Any, *, worker_id: str, ttl_s: float, now: datetime
+) -> dict[str, Any]:
+    """The column values that make ``worker_id`` the holder of ``row``'s next attempt (a ``Job``
+    or ``Generation``): running, attempt + 1, a lease of ``ttl_s``, started once."""
+    return {
+        "status": "running",
+        "attempt": row.attempt + 1,
+        "lease_owner": worker_id,
+        "lease_expires_at": now + timedelta(seconds=ttl_s),
+        "heartbeat_at": now,
+        "started_at": func.coalesce(model.started_at, literal(now, UTCDateTime())),
+    }
 
 
 def lock_leased_job(s: Session, job_id: str, lease: Lease | None) -> Job:

@@ -10,11 +10,20 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, literal, or_, select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from db.models import Generation, Job, UTCDateTime, utcnow
-from db.repo._session import Lease, SessionLike, cas_row, holds, load_job, one_line, scope
+from db.models import Generation, Job, utcnow
+from db.repo._session import (
+    Lease,
+    SessionLike,
+    cas_row,
+    claim_values,
+    holds,
+    load_job,
+    one_line,
+    scope,
+)
 
 DEFAULT_TTL_S = 600.0  # a lease for callers that do not say (a generation takes seconds)
 
@@ -113,12 +122,7 @@ def start_generation(
             session,
             gen_id,
             seen,
-            status="running",
-            attempt=gen.attempt + 1,
-            lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=ttl_s),
-            heartbeat_at=now,
-            started_at=func.coalesce(Generation.started_at, literal(now, UTCDateTime())),
+            **claim_values(Generation, gen, worker_id=worker_id, ttl_s=ttl_s, now=now),
         )
         return _load_generation(session, gen_id) if won else None
 

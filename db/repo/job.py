@@ -13,11 +13,20 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, literal, or_, select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.orm import aliased
 
-from db.models import TERMINAL_STATUSES, Job, UTCDateTime, utcnow
-from db.repo._session import Lease, SessionLike, cas_job, holds, load_job, one_line, scope
+from db.models import TERMINAL_STATUSES, Job, utcnow
+from db.repo._session import (
+    Lease,
+    SessionLike,
+    cas_job,
+    claim_values,
+    holds,
+    load_job,
+    one_line,
+    scope,
+)
 
 
 def _ours(worker_id: str, attempt: int | None) -> ColumnElement[bool]:
@@ -133,12 +142,7 @@ def claim_job(
             session,
             job_id,
             and_(seen, Job.cancel_requested_at.is_(None)),
-            status="running",
-            attempt=job.attempt + 1,
-            lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=ttl_s),
-            heartbeat_at=now,
-            started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
+            **claim_values(Job, job, worker_id=worker_id, ttl_s=ttl_s, now=now),
         )
         return load_job(session, job_id) if won else None
 
