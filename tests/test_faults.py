@@ -409,3 +409,46 @@ def test_checkpoint_flushes_the_sink_first(job_config, tmp_path: Path) -> None:
     assert trainer.run().status == "finished"
     assert [c for c, _ in seen] == [5, 10, 15]
     assert all(durable == ckpt for ckpt, durable in seen), seen
+
+
+# ---- no orphan: a job whose broker send failed ------------------------------------------------
+@pytest.mark.slow
+def test_job_whose_send_failed_is_resent_by_the_reaper(
+    job_config, tmp_path: Path, record_property
+) -> None:
+    """Issue 12 item 2 through the real worker: a job submitted while Redis is down is created
+    (the send fails, ``sent_at`` stays empty, the submit does not raise) and stays queued; once
+    Redis is back the worker's reaper sends it after ``EFFICIENTLLM_RESEND_S`` and it succeeds,
+    once. The job writes its GGUF file too: registered as a ``gguf`` artifact (sha256 = file)."""
+    with redis_server(tmp_path / "redis") as server:
+        stack = start_stack(
+            tmp_path / "resend", redis_url=server.url(0), db_url=None, start=False, resend_s=1.0
+        )
+        try:
+            server.shutdown()
+            cfg = {**job_config, "export": {**job_config["export"], "gguf": "q8_0"}}
+            job_id = stack.submit(cfg, name="unsent")  # the doorbell fails; the row stays
+            job = stack.job(job_id)
+            assert job.status == "queued" and job.sent_at is None
+            server.restart()
+            stack.start_worker()
+            t0 = stack.wait_reaper_started(60)
+            started = wait_for(
+                lambda: (j := stack.job(job_id)).started_at is not None and j,
+                30,
+                "the re-sent job to start",
+                interval=0.05,
+            )
+            delay = time.monotonic() - t0
+            done = stack.wait_status(job_id, TERMINAL, 90)
+            record_property("resend_start_after_reaper_s", round(delay, 2))
+            print(f"unsent job started {delay:.2f} s after the reaper started")
+            assert started.attempt == 1 and done.status == "succeeded", stack.log_tail()
+            assert done.attempt == 1  # sent once more, run once
+            assert delay < 10.0
+            _assert_artifacts_match(stack, job_id)
+            gguf = repo.artifacts(stack.sm, job_id=job_id, kind="gguf")
+            assert [Path(a.path).name for a in gguf] == ["model-q8_0.gguf"]
+            assert (stack.settings.data_dir / gguf[0].path).read_bytes()[:4] == b"GGUF"
+        finally:
+            stack.stop()
