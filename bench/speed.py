@@ -222,6 +222,12 @@ def measure(prep: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         r["decode_speedup"] = r["decode_tok_s"] / b["decode_tok_s"]
         r["prefill_reached_of_ideal"] = r["prefill_speedup"] / r["ideal_speedup"]
         r["decode_reached_of_ideal"] = r["decode_speedup"] / r["ideal_speedup"]
+        # the same round's source and model ran back to back: their ratio cancels most of the
+        # machine's drift (other jobs on a shared box), which medians taken apart do not
+        paired = sorted(sb[1] / sm[1] for sb, sm in zip(b["raw"], r["raw"], strict=True))
+        r["decode_speedup_paired"] = statistics.median(paired)
+        r["decode_speedup_paired_range"] = [paired[0], paired[-1]]
+        r["decode_reached_of_ideal_paired"] = r["decode_speedup_paired"] / r["ideal_speedup"]
     return {"prompt_tokens": len(prompt), "decode_tokens": args.decode, "rows": rows}
 
 
@@ -232,15 +238,19 @@ def markdown(result: dict[str, Any]) -> str:
         f" median of {result['reps']} interleaved rounds. Machine: {result['machine']}.",
         "",
         "| model | runtime | params | prefill tok/s | decode tok/s | prefill speedup | "
-        "decode speedup | ideal | decode reached/ideal | peak MB | file MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "decode speedup | ideal | decode reached/ideal | paired decode speedup (min-max) | "
+        "paired reached/ideal | peak MB | file MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        lo, hi = r["decode_speedup_paired_range"]
         lines.append(
             f"| {r['model']} | {r['runtime']} | {r['params'] / 1e6:.2f}M | "
             f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['prefill_speedup']:.2f}x | "
             f"{r['decode_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-            f"{100 * r['decode_reached_of_ideal']:.0f}% | {r['peak_mem_mb']:.0f} | "
+            f"{100 * r['decode_reached_of_ideal']:.0f}% | {r['decode_speedup_paired']:.2f}x "
+            f"({lo:.2f}-{hi:.2f}) | {100 * r['decode_reached_of_ideal_paired']:.0f}% | "
+            f"{r['peak_mem_mb']:.0f} | "
             f"{r['file_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"

@@ -2,7 +2,9 @@
 
 Safety first: ``trust_remote_code`` is always off, a config with ``auto_map`` (custom code) is
 refused unless it is one of our own exports, only allow-listed ``model_type``s load, and local
-weights must be safetensors (never pickle). ``source_shape`` needs only ``config.json``.
+weights must be safetensors (never pickle), and each file's header is checked before any library
+parses it (:func:`check_safetensors`: a bounded size, a plausible tensor count, every tensor
+inside the file). ``source_shape`` needs only ``config.json``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,13 @@ from efficientllm.shape import LayerShape, ModelShape
 log = logging.getLogger(__name__)
 
 OWN_MODEL_TYPE = "efficientllm"
+MAX_HEADER_BYTES = 64 * 2**20
+"""A safetensors header longer than this is refused (a real model's is well under 1 MB)."""
+HEADER_BYTES_PER_TENSOR = 1024
+TENSORS_PER_LAYER = 64
+"""At most this many tensors per decoder layer (+2 for embeddings, norm, head) in one file: a
+Llama-style layer has 9 to 14; a file listing far more is refused before transformers spends
+seconds matching every name (200k names took 22 s)."""
 # The hub's repo-id rules: [namespace/]name, letters, digits, '-', '_', '.', at most 96 chars,
 # no '--' or '..', not starting or ending with '-' or '.'.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,94}/)?[A-Za-z0-9][\w.-]{0,94}$")
@@ -143,6 +153,10 @@ def load_model(source: str | Path, *, dtype: Any = None, device: Any = None):
             f"{name!r} has no *.safetensors weights; only safetensors are loaded (pickle files "
             "can run code). Convert with `model.save_pretrained(dir, safe_serialization=True)`"
         )
+    if local:
+        layers = int(cfg.get("num_hidden_layers") or 0)
+        for f in sorted(Path(name).glob("*.safetensors")):
+            check_safetensors(f, max_tensors=TENSORS_PER_LAYER * (layers + 2))
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(
             name,
@@ -165,6 +179,48 @@ def load_model(source: str | Path, *, dtype: Any = None, device: Any = None):
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def check_safetensors(path: Path, *, max_tensors: int) -> None:
+    """Refuse ``path`` unless its safetensors header is sane: the 8-byte length within the file,
+    :data:`MAX_HEADER_BYTES` and what ``max_tensors`` can need; JSON that maps names to tensors,
+    at most ``max_tensors`` of them, each tensor's byte range inside the data. Reads the header
+    only."""
+    size = path.stat().st_size
+
+    def bad(why: str) -> ModelNotFoundError:
+        return ModelNotFoundError(
+            f"could not load the weights of {str(path.parent)!r}: {path.name} is not a usable "
+            f"safetensors file ({why}); re-save the model with "
+            "`save_pretrained(dir, safe_serialization=True)`"
+        )
+
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise bad("no header")
+        (n,) = struct.unpack("<Q", head)
+        # ~150 bytes describe one tensor: a header far longer than max_tensors need is refused
+        # before it is parsed (a 15 MB header of 200k names costs 150 MB of Python objects)
+        if n > min(MAX_HEADER_BYTES, size - 8, HEADER_BYTES_PER_TENSOR * max_tensors + 2**16):
+            raise bad(f"its header claims {n:,} bytes in a {size:,}-byte file")
+        raw = fh.read(n)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise bad("its header is not JSON") from None
+    if not isinstance(meta, dict):
+        raise bad("its header is not a table of tensors")
+    tensors = {k: v for k, v in meta.items() if k != "__metadata__"}
+    if len(tensors) > max_tensors:
+        raise bad(f"{len(tensors):,} tensors, more than a model of this config can have")
+    data = size - 8 - n
+    for name, t in tensors.items():
+        off = t.get("data_offsets") if isinstance(t, dict) else None
+        if not (isinstance(off, list) and len(off) == 2 and all(type(o) is int for o in off)):
+            raise bad(f"tensor {name[:60]!r} has no byte range")
+        if not 0 <= off[0] <= off[1] <= data:
+            raise bad(f"tensor {name[:60]!r} lies outside the file")
 
 
 def _check_loading_info(name: str, info: dict[str, Any], *, tied: bool) -> None:
