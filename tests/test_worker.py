@@ -347,6 +347,36 @@ def test_cancel_queued_and_running(sqlite_stack, reference, job_config, record_p
 
 
 @pytest.mark.slow
+def test_worker_reserves_no_hidden_second_job(sqlite_stack, reference, job_config) -> None:
+    """R16: three jobs queued for one ``-c 1`` worker with prefetch 1: while the first runs,
+    the worker has reserved none of the others (they stay in Redis for any worker to take)."""
+    import copy
+
+    from worker.submit import cancel_job
+
+    stack = sqlite_stack
+    long = copy.deepcopy(job_config)  # long enough to be still running while we look
+    long["train"]["total_tokens"] *= 10
+    ids = [stack.submit(long, name=f"r16-{i}") for i in range(3)]
+    wait_for(lambda: stack.job(ids[0]).step >= 2, 60, "the first job to run", interval=0.05)
+    client = stack.app.connection().default_channel.client
+    waiting, delivered = client.llen("gpu"), client.hlen("unacked")
+    inspect = stack.app.control.inspect(timeout=3.0)
+    active, reserved = inspect.active(), inspect.reserved()
+    assert stack.job(ids[0]).status == "running"  # the snapshot above was taken mid-job
+    print(f"R16: {waiting} waiting in Redis, {delivered} delivered (unacked), reserved {reserved}")
+    assert (waiting, delivered) == (2, 1)  # the other two wait in Redis for any worker
+    assert active and reserved is not None, (active, reserved, stack.log_tail())
+    running = [t["args"] for tasks in active.values() for t in tasks]
+    assert running == [[ids[0]]], running
+    assert [t for tasks in reserved.values() for t in tasks] == []
+    for job_id in reversed(ids):
+        cancel_job(stack.sm, job_id=job_id, owner="local")
+    for job_id in ids:
+        assert stack.wait_status(job_id, TERMINAL, 30).status == "cancelled"
+
+
+@pytest.mark.slow
 def test_poison_job_gives_up(redis, job_config, tmp_path: Path) -> None:
     """R8: a job that kills its worker every time ends failed('max_attempts'); queue drained."""
     stack = start_stack(
