@@ -305,3 +305,41 @@ def test_context_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monkey
     assert on.models_dir == (tmp_path / "data" / "models").resolve()
     assert (on.max_active_jobs, on.secret_key) == (7, b"s3cret")
     assert auth.verify(on, auth.sign(make_context(), "alice")) == "alice"  # survives a restart
+
+
+# ---- S5: path traversal on download, logged in ----------------------------------------------
+def test_download_never_serves_outside_the_artifacts_root(
+    app: Any, ctx: AppContext, sent: list[str], client: Callable[..., TestClient]
+) -> None:
+    """S5: as the owner, traversal ids (plain, %-encoded, absolute) and a symlink planted in
+    the job's folder (recorded as an export file and as the GGUF) all answer 404, and no body
+    ever holds ``/etc/passwd``'s content."""
+    alice = client(app, "alice")
+    call(alice, "on_launch", launch_values(ctx, "s5"))
+    (job,) = jobs(ctx)
+    export = ctx.data_dir / "runs" / job.id / "export"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    planted = ctx.data_dir / "runs" / job.id / "gguf"
+    planted.mkdir()
+    (planted / "model-q8_0.gguf").symlink_to("/etc/passwd")
+    (export / "secrets.json").symlink_to("/etc/passwd")
+    for kind, rel in (
+        ("export", f"runs/{job.id}/export/config.json"),
+        ("export", f"runs/{job.id}/export/secrets.json"),
+        ("gguf", f"runs/{job.id}/gguf/model-q8_0.gguf"),
+    ):
+        repo.add_artifact(ctx.sessions, job_id=job.id, kind=kind, path=rel, size_bytes=2, sha256="")
+    probes = [
+        f"/api/jobs/{job.id}/artifact",  # the export names a planted link: refused whole
+        f"/api/jobs/{job.id}/artifact?format=gguf",  # the GGUF is a planted link
+        "/api/jobs/..%2F..%2F..%2Fetc%2Fpasswd/artifact",
+        "/api/jobs/%2e%2e%2f%2e%2e%2fetc%2fpasswd/artifact",
+        "/api/jobs/%2Fetc%2Fpasswd/artifact",
+        "/api/jobs/../../etc/passwd/artifact",
+        f"/api/jobs/{job.id}%2F..%2F..%2F..%2Fetc/artifact?format=gguf",
+    ]
+    for url in probes:
+        r = alice.get(url)
+        assert r.status_code == 404, (url, r.status_code)
+        assert b"root:" not in r.content, url
