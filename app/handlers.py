@@ -9,6 +9,7 @@ error is a message in the page, never a traceback. All state comes from the DB (
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import gradio as gr
@@ -35,11 +36,40 @@ MONITOR_OUTPUTS = (
 N_MONITOR = len(MONITOR_OUTPUTS)
 
 
+def drawn_from(st: dict[str, Any]) -> dict[str, Any] | None:
+    """Per :data:`MONITOR_OUTPUTS` name, what that output is drawn from: an output whose value
+    here equals the one recorded when it was last sent (``st["drawn"]``) would be drawn the
+    same, so a tick skips it. The charts are keyed by the change counts of
+    :func:`app.monitor.fold` (a step moves the loss and size charts only; a snapshot, i.e. a
+    pruning event, the per-layer chart, its slider and caption together, and the saliency
+    chart); the cheap texts by themselves. None for a state without counts (always redrawn)."""
+    rev = st.get("rev")
+    if rev is None:
+        return None
+    metrics, evals, snaps = rev.get("metrics"), rev.get("evals"), rev.get("snaps")
+    done = (snaps, evals, rev.get("export")) if st["job"]["status"] == "succeeded" else None
+    return {
+        "status": monitor.status_text(st["job"]),
+        "arch": snaps,
+        "scrub": snaps,
+        "caption": snaps,
+        "params_plot": metrics,
+        "loss_plot": (metrics, evals),
+        "sal_plot": snaps,
+        "events": rev.get("log"),
+        "table": done,
+        "ppl_md": done,
+        "download": done,
+    }
+
+
 class Handlers:
     """Event callbacks bound to ``ctx``; the form values arrive in ``forms.FIELD_ORDER``."""
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
+        self.watching: dict[str, str] = {}
+        """Browser session -> the job its Monitor shows (the latest pick)."""
 
     def owner_of(self, request: gr.Request) -> str:
         """The job owner behind a Gradio request."""
@@ -48,7 +78,10 @@ class Handlers:
     def config_of(self, values: forms.FormValues, request: gr.Request) -> dict[str, Any]:
         """The run config of the form, owned by the request's user."""
         return forms.form_to_config(
-            values, owner=self.owner_of(request), data_root=self.ctx.data_dir
+            values,
+            owner=self.owner_of(request),
+            data_root=self.ctx.data_dir,
+            models_dir=self.ctx.models_dir,
         )
 
     @staticmethod
@@ -57,26 +90,30 @@ class Handlers:
         return forms.FormValues(**dict(zip(forms.FIELD_ORDER, values, strict=True)))
 
     @staticmethod
-    def render(st: dict[str, Any]) -> list[Any]:
-        """The :data:`MONITOR_OUTPUTS` values for a monitor state."""
-        fig, cap = monitor.arch_view(st, None)
-        n = max(len(st["snaps"]) - 1, 0)
-        evals = [e for e in st["evals"] if e.get("ppl") is not None]
-        sal = [s for s in st["snaps"] if s["kind"] == "pruned"]
-        rows, ppl, link = monitor.results(st)
-        return [
-            monitor.status_text(st["job"]),
-            fig,
-            gr.Slider(maximum=max(n, 1), value=n),
-            cap,
-            plots.params_figure(st["metrics"]),
-            plots.loss_figure(st["metrics"], evals),
-            plots.saliency_figure(sal, st["source"]),
-            "\n".join(reversed(st["log"][-100:])),
-            rows,
-            ppl,
-            link,
-        ]
+    def render(st: dict[str, Any], only: Collection[str] | None = None) -> list[Any]:
+        """The :data:`MONITOR_OUTPUTS` values for a monitor state; with ``only``, the outputs
+        not named there are ``gr.skip()`` (not built, and Gradio sends nothing for them)."""
+        todo = set(MONITOR_OUTPUTS if only is None else only)
+        v: dict[str, Any] = {}
+        if todo & {"arch", "scrub", "caption"}:  # together: the slider names the chart's snapshot
+            fig, cap = monitor.arch_view(st, None)
+            n = max(len(st["snaps"]) - 1, 0)
+            v.update(arch=fig, scrub=gr.Slider(maximum=max(n, 1), value=n), caption=cap)
+        if "status" in todo:
+            v["status"] = monitor.status_text(st["job"])
+        if "params_plot" in todo:
+            v["params_plot"] = plots.params_figure(st["metrics"])
+        if "loss_plot" in todo:
+            evals = [e for e in st["evals"] if e.get("ppl") is not None]
+            v["loss_plot"] = plots.loss_figure(st["metrics"], evals)
+        if "sal_plot" in todo:
+            sal = [s for s in st["snaps"] if s["kind"] == "pruned"]
+            v["sal_plot"] = plots.saliency_figure(sal, st["source"])
+        if "events" in todo:
+            v["events"] = "\n".join(reversed(st["log"][-100:]))
+        if todo & {"table", "ppl_md", "download"}:
+            v["table"], v["ppl_md"], v["download"] = monitor.results(st)
+        return [v[name] if name in todo else gr.skip() for name in MONITOR_OUTPUTS]
 
     # ---- new job ---------------------------------------------------------------------------
     @guarded(len(forms.FIELD_ORDER))
@@ -116,7 +153,12 @@ class Handlers:
         owner = self.owner_of(request)
         with self.ctx.session() as s:
             job_id = submit_job(
-                s, config=config, owner=owner, name=job_name.strip() or "job", queue=self.ctx.queue
+                s,
+                config=config,
+                owner=owner,
+                name=job_name.strip() or "job",
+                queue=self.ctx.queue,
+                max_active=self.ctx.max_active_jobs,
             )
         fig = plots.arch_figure(
             p.shape.to_dict(), p.source.to_dict(), title="predicted", params=p.num_params
@@ -133,13 +175,35 @@ class Handlers:
         st = monitor.load(self.ctx, job_id=job_id, owner=owner) if job_id else None
         if st is None:
             return ["Choose a job.", *[gr.skip()] * (N_MONITOR - 1), None]
+        if (tab := getattr(request, "session_hash", None)) is not None:
+            if len(self.watching) > 10_000:
+                self.watching.clear()
+            self.watching[tab] = st["job_id"]
+        st["drawn"] = drawn_from(st)
         return [*self.render(st), st]
 
     @guarded(N_MONITOR + 1)
     def on_tick(self, st: dict[str, Any] | None, request: gr.Request) -> list[Any]:
+        """Only the outputs whose data changed since they were last sent (:func:`drawn_from`):
+        rebuilding and sending all five figures on every change made a redraw cost 0.3-1 s."""
+        skip = [gr.skip()] * (N_MONITOR + 1)
         if not st or not monitor.advance(self.ctx, st, owner=self.owner_of(request)):
-            return [gr.skip()] * (N_MONITOR + 1)
-        return [*self.render(st), st]
+            return skip
+        drawn, sent = drawn_from(st), st.get("drawn")
+        stale = [
+            name
+            for name in MONITOR_OUTPUTS
+            if drawn is None or sent is None or sent.get(name) != drawn[name]
+        ]
+        if not stale:
+            return skip
+        st["drawn"] = None  # until sent: after an error (shown in the status line) redraw all
+        out = self.render(st, stale)
+        tab = getattr(request, "session_hash", None)
+        if self.watching.get(tab or "", st["job_id"]) != st["job_id"]:
+            return skip  # the tab picked another job meanwhile
+        st["drawn"] = drawn
+        return [*out, st]
 
     @staticmethod
     def on_scrub(st: dict[str, Any] | None, index: int | None) -> tuple[Any, str]:

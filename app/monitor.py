@@ -1,16 +1,31 @@
 """Monitor state: what one browser session knows about one job, advanced with a cursor.
 
 ``load`` reads a job's history once (metrics, evals, architecture snapshots from their tables;
-the event log paged to its end); ``advance`` then folds only the events after the cursor, so a
-1 s poll costs one job row and the new events. The state is a plain dict (a ``gr.State``).
+the event log paged to its end); ``advance`` then folds only the events after the cursor. The
+state is a plain dict (a ``gr.State``).
+
+The page polls every :data:`TICK_S` so that a pruning event shows within a second, but most
+ticks only peek (:mod:`app.news`: "did the status change, or is there an event other than a
+step past my cursor?", answered from a per-job mark that all tabs share, so the DB sees at most
+one small query per watched job and tick). The full read (job row, queue position, new events,
+and the charts the caller redraws) runs when the peek says so or every :data:`FULL_REFRESH_S`;
+steps arrive several times a second and are drawn at that slower pace.
+
+The state also counts, per part (:data:`REVS`), how often the folded events changed it
+(``state["rev"]``), so that a tick redraws only the charts whose data changed
+(:func:`app.handlers.Handlers.on_tick`): a step touches the loss and size charts, a pruning event
+the per-layer chart and the saliency chart as well.
 """
 
 from __future__ import annotations
 
+import html
 import logging
+import math
+import time
 from typing import Any
 
-from app import plots
+from app import news, plots
 from app.context import AppContext
 from db import repo
 from db.snapshot import Snapshot, fold_snapshots, snapshot_from_row, snapshot_of
@@ -18,6 +33,18 @@ from db.snapshot import Snapshot, fold_snapshots, snapshot_from_row, snapshot_of
 log = logging.getLogger(__name__)
 LOG_LINES = 200
 PAGE = 500
+TICK_S = 0.25
+"""The Monitor's ``gr.Timer`` period: each tick is a :func:`peek` unless a full read is due."""
+FULL_REFRESH_S = 1.0
+"""A full read at least this often (steps, ETA and queue position carry no peeked signal)."""
+REVS = ("metrics", "evals", "snaps", "log", "export")
+"""The parts of a state :func:`fold` counts changes of: a chart is redrawn when its count moved."""
+
+
+def bump(state: dict[str, Any], part: str) -> None:
+    """Count one change of ``part`` (one of :data:`REVS`) in ``state["rev"]``."""
+    rev = state.setdefault("rev", dict.fromkeys(REVS, 0))
+    rev[part] = rev.get(part, 0) + 1
 
 
 def job_info(job: Any, position: int | None = None) -> dict[str, Any]:
@@ -66,7 +93,8 @@ def log_line(e: dict[str, Any]) -> str | None:
 
 
 def fold(state: dict[str, Any], events: list[dict[str, Any]]) -> bool:
-    """Apply new event payloads to ``state``; True if a chart needs redrawing.
+    """Apply new event payloads to ``state``; True if a chart needs redrawing (which ones:
+    the parts counted in ``state["rev"]``).
 
     Architecture snapshots follow :func:`db.snapshot.fold_snapshots`, the rule the DB's rows
     follow, so a reloaded page shows the snapshots it showed live.
@@ -78,22 +106,36 @@ def fold(state: dict[str, Any], events: list[dict[str, Any]]) -> bool:
         line = log_line(e)
         if line:
             state["log"].append(line)
+            bump(state, "log")
         if kind == "step":
             state["metrics"].append(
                 {k: e.get(k) for k in ("step", "tokens", "loss", "params", "target_params")}
             )
+            bump(state, "metrics")
         elif kind == "eval":
             state["evals"].append({k: e.get(k) for k in ("step", "tokens", "ppl", "label")})
+            bump(state, "evals")
         elif snapshot_of(e) is not None:
             carrying.append(e)
+        elif kind == "exported":
+            note_export(state, e)
+            bump(state, "export")
+            continue
         else:
             continue
         changed = True
-    fold_snapshots(state["snaps"], carrying)
+    if fold_snapshots(state["snaps"], carrying):
+        bump(state, "snaps")
     if state["source"] is None:
         state["source"] = source_shape(state["snaps"])
     del state["log"][:-LOG_LINES]
     return changed
+
+
+def note_export(state: dict[str, Any], e: dict[str, Any]) -> None:
+    """Remember from an ``exported`` event whether a GGUF file was written (and if not, why)."""
+    state["gguf"] = bool(e.get("gguf"))
+    state["gguf_note"] = e.get("gguf_note")
 
 
 def source_shape(snaps: list[Snapshot]) -> dict[str, Any] | None:
@@ -113,6 +155,7 @@ def load(ctx: AppContext, *, job_id: str, owner: str) -> dict[str, Any] | None:
         state: dict[str, Any] = {
             "job_id": job_id,
             "cursor": 0,
+            "read_at": time.monotonic(),
             "job": job_info(job),
             "snaps": snaps,
             "source": source_shape(snaps),
@@ -130,10 +173,15 @@ def load(ctx: AppContext, *, job_id: str, owner: str) -> dict[str, Any] | None:
                 {"step": v.step, "tokens": v.tokens, "ppl": v.ppl, "label": v.label} for v in evals
             ],
             "log": [],
+            "rev": dict.fromkeys(REVS, 0),
+            "gguf": False,
+            "gguf_note": None,
         }
         while True:
             rows = repo.events_after(s, job_id=job_id, cursor=state["cursor"], limit=PAGE)
             for row in rows:
+                if row.payload.get("type") == "exported":
+                    note_export(state, row.payload)
                 line = log_line(row.payload)
                 if line:
                     state["log"].append(line)
@@ -145,8 +193,25 @@ def load(ctx: AppContext, *, job_id: str, owner: str) -> dict[str, Any] | None:
     return state
 
 
-def advance(ctx: AppContext, state: dict[str, Any], *, owner: str) -> bool:
-    """Fetch the job row and the events after the cursor; True if anything changed."""
+def advance(
+    ctx: AppContext, state: dict[str, Any], *, owner: str, now: float | None = None
+) -> bool:
+    """One poll: a peek (:func:`app.news.has_news`), then, when it says so or a full read is
+    due, the job row and the events after the cursor. True if anything changed. ``now`` is a
+    ``time.monotonic()``."""
+    now = time.monotonic() if now is None else now
+    read_at = state.get("read_at", -math.inf)
+    if now - read_at < FULL_REFRESH_S and not news.has_news(
+        ctx,
+        job_id=state["job_id"],
+        owner=owner,
+        status=state["job"]["status"],
+        cursor=state["cursor"],
+        read_at=read_at,
+        now=now,
+    ):
+        return False
+    state["read_at"] = now
     with ctx.session() as s:
         job = repo.get_job(s, job_id=state["job_id"], owner=owner)
         if job is None:
@@ -248,5 +313,15 @@ def results(state: dict[str, Any]) -> tuple[list[list[Any]], str, str]:
         if ppl.get(label)
     )
     href = f"/api/jobs/{state['job_id']}/artifact"
-    link = f'<a id="download-link" href="{href}" download>Download the export (.zip)</a>'
-    return rows, f"**Validation perplexity** {line}", link
+    links = [
+        f'<a id="download-link" href="{href}" download>Download the export '
+        "(.zip: safetensors for transformers)</a>"
+    ]
+    if state.get("gguf"):
+        links.append(
+            f'<a id="download-gguf" href="{href}?format=gguf" download>Download the GGUF file '
+            "(llama.cpp, Ollama, LM Studio)</a>"
+        )
+    elif state.get("gguf_note"):
+        links.append(f'<span id="gguf-note">No GGUF file: {html.escape(state["gguf_note"])}</span>')
+    return rows, f"**Validation perplexity** {line}", " &nbsp;·&nbsp; ".join(links)

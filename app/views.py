@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import forms, playground
+from app import forms, monitor, playground
 from app.context import AppContext
 from app.handlers import MONITOR_OUTPUTS, Handlers
 from efficientllm.choices import GRANULARITIES, SCORERS
@@ -30,6 +30,7 @@ ADVANCED_LABELS = {
     "distill_temperature": "Distillation temperature",
     "distill_phases": "Distill during",
     "distill_teacher": "Teacher model (empty = the source)",
+    "gguf": "GGUF file for llama.cpp",
 }
 """Labels of the :data:`forms.ADVANCED` widgets (each also shows its config field's name)."""
 
@@ -72,6 +73,8 @@ def advanced_widgets(defaults: forms.FormValues) -> dict[str, Any]:
     with gr.Row():
         w["distill_phases"] = choice("distill_phases")
         w["distill_teacher"] = gr.Textbox(**kw("distill_teacher"))
+    with gr.Row():
+        w["gguf"] = choice("gguf")
     return w
 
 
@@ -159,7 +162,7 @@ def build(ctx: AppContext) -> gr.Blocks:
                 compare_plot = gr.Plot(label="Final architectures")
             with gr.Tab("Playground", id="playground"):
                 play_job = playground.build(ctx)
-        monitor_timer, jobs_timer = gr.Timer(1.0), gr.Timer(3.0)
+        monitor_timer, jobs_timer = gr.Timer(monitor.TICK_S), gr.Timer(3.0)
 
         widgets = {"preset": preset, "model": model, "budget": budget, "dataset": dataset,
                    "total_tokens": tokens, "prune_fraction": fraction,
