@@ -9,7 +9,8 @@ statuses (succeeded, failed, cancelled) never change again.
 
 One module per concept: :mod:`~db.repo.job` (status machine, leases), :mod:`~db.repo.event`
 (the event log and the rows derived from it), :mod:`~db.repo.generation` (the Playground),
-:mod:`~db.repo.artifact` (produced files); :mod:`~db.repo._session` holds what they share.
+:mod:`~db.repo.artifact` (produced files), :mod:`~db.repo.send` (broker sends of queued jobs);
+:mod:`~db.repo._session` holds what they share.
 Call sites use this package: ``from db import repo; repo.create_job(...)``.
 """
 
@@ -41,14 +42,12 @@ from db.repo.job import (
     get_job,
     heartbeat,
     list_jobs,
-    mark_sent,
     queue_position,
     reap_orphans,
     request_cancel,
-    set_celery_task_id,
     set_checkpoint,
-    unsent_jobs,
 )
+from db.repo.send import mark_sent, set_celery_task_id, unsent_jobs
 
 __all__ = [
     "MAX_ERROR_MESSAGE",
