@@ -116,12 +116,7 @@ def test_redis_restart_mid_job(job_config, tmp_path: Path, record_property) -> N
             server.restart()
             t0 = time.monotonic()
             second = stack.submit(job_config, name="r9-after")
-            job = wait_for(
-                lambda: (j := stack.job(second)).started_at is not None and j,
-                30,
-                "the job submitted after the restart to start",
-                interval=0.05,
-            )
+            job = stack.wait_started(second, 30, "the job submitted after the restart to start")
             delay = time.monotonic() - t0
             one = stack.wait_status(first, TERMINAL, 60)
             two = stack.wait_status(second, TERMINAL, 60)
@@ -433,12 +428,7 @@ def test_job_whose_send_failed_is_resent_by_the_reaper(
             server.restart()
             stack.start_worker()
             t0 = stack.wait_reaper_started(60)
-            started = wait_for(
-                lambda: (j := stack.job(job_id)).started_at is not None and j,
-                30,
-                "the re-sent job to start",
-                interval=0.05,
-            )
+            started = stack.wait_started(job_id, 30, "the re-sent job to start")
             delay = time.monotonic() - t0
             done = stack.wait_status(job_id, TERMINAL, 90)
             record_property("resend_start_after_reaper_s", round(delay, 2))

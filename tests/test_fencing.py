@@ -70,7 +70,8 @@ def test_stale_lease_writes_are_refused(sm: sessionmaker[Session]) -> None:
 
     with pytest.raises(repo.LeaseLost):
         repo.record_events(sm, job_id=jid, events=_run_events(4, 10)[1:], lease=stale)
-    with pytest.raises(repo.LeaseLost):
+
+    def add_weights(lease: repo.Lease) -> None:
         repo.add_artifact(
             sm,
             job_id=jid,
@@ -78,8 +79,11 @@ def test_stale_lease_writes_are_refused(sm: sessionmaker[Session]) -> None:
             path=f"{jid}/export/model.safetensors",
             size_bytes=1,
             sha256="0" * 64,
-            lease=stale,
+            lease=lease,
         )
+
+    with pytest.raises(repo.LeaseLost):
+        add_weights(stale)
     assert not repo.set_checkpoint(sm, job_id=jid, step=10, lease=stale)
     assert not repo.heartbeat(sm, job_id=jid, worker_id="h:1", attempt=1, ttl_s=5)
     assert not repo.finish_job(sm, job_id=jid, worker_id="h:1", attempt=1, status="succeeded")
@@ -91,15 +95,7 @@ def test_stale_lease_writes_are_refused(sm: sessionmaker[Session]) -> None:
 
     # the live attempt writes all of it
     repo.record_events(sm, job_id=jid, events=_run_events(4, 10)[1:], lease=live)
-    repo.add_artifact(
-        sm,
-        job_id=jid,
-        kind="export",
-        path=f"{jid}/export/model.safetensors",
-        size_bytes=1,
-        sha256="0" * 64,
-        lease=live,
-    )
+    add_weights(live)
     assert repo.set_checkpoint(sm, job_id=jid, step=10, lease=live)
     assert repo.heartbeat(sm, job_id=jid, worker_id="h:1", attempt=2, ttl_s=5)
     assert repo.finish_job(sm, job_id=jid, worker_id="h:1", attempt=2, status="succeeded")

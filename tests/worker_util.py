@@ -183,6 +183,15 @@ class Stack:
             interval=0.1,
         )
 
+    def wait_started(self, job_id: str, timeout: float, what: str) -> Any:
+        """Wait until ``job_id`` has been claimed once (``started_at`` set); its row."""
+        return wait_for(
+            lambda: (j := self.job(job_id)) is not None and j.started_at is not None and j,
+            timeout,
+            f"{what} (worker log: {self.log})",
+            interval=0.05,
+        )
+
     def log_tail(self, n: int = 4000) -> str:
         try:
             return self.log.read_text(errors="replace")[-n:]
