@@ -378,7 +378,7 @@ def test_reaper_sends_what_was_never_sent(sm: sessionmaker[Session], db_url: str
         sent.append(job_id)
         repo.mark_sent(session, job_id=job_id)
 
-    grace = 0.4
+    grace = 60.0  # far longer than any pass takes: rows are aged explicitly below, no sleeps
     reaper = Reaper(db_url, period_s=0.1, requeue=send, resend_s=grace)
     never_sent = _job(sm)
     orphan = _job(sm)
@@ -391,8 +391,18 @@ def test_reaper_sends_what_was_never_sent(sm: sessionmaker[Session], db_url: str
     assert sent == []
     broker_up[0] = True
     reaper.reap_once()
-    assert sent == []  # the orphan's grace period runs from its re-queue
-    time.sleep(grace + 0.1)
+    assert sent == []  # within the grace period: a submit may still be sending them
+
+    def age(seconds: float) -> None:  # as if `seconds` passed since the rows last changed
+        with sm() as s:
+            ago = utcnow() - timedelta(seconds=seconds)
+            s.execute(update(Job).where(Job.id.in_([never_sent, orphan])).values(updated_at=ago))
+            s.commit()
+
+    age(grace / 2)
+    reaper.reap_once()
+    assert sent == []  # the orphan's grace period runs from its re-queue, not its creation
+    age(grace + 1)
     reaper.reap_once()
     assert sorted(sent) == sorted([never_sent, orphan])
     reaper.reap_once()
