@@ -59,7 +59,7 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-StopReason = Literal["cancel", "lease_lost"]
+StopReason = Literal["cancel", "lease_lost", "budget"]
 
 
 class Heartbeat:

@@ -29,6 +29,8 @@ ENV_VARS = (
     "EFFICIENTLLM_MAX_ACTIVE_JOBS_PER_USER",
     "EFFICIENTLLM_SOFT_TIME_LIMIT_S",
     "EFFICIENTLLM_TIME_LIMIT_S",
+    "EFFICIENTLLM_MAX_JOB_STEPS",
+    "EFFICIENTLLM_MAX_JOB_WALL_S",
     "APP_ENV",
     "FAULT",
     "FAULT_STEP_DELAY_S",
@@ -87,6 +89,13 @@ class Settings:
     backstop for a soft stop that hangs: the pool process is killed, and the reaper re-queues
     the job from its last checkpoint after the lease TTL (or fails it at the attempt cap). Keep
     it well above the soft limit: a step plus a checkpoint must fit between the two."""
+    max_job_steps: int | None = None
+    """``EFFICIENTLLM_MAX_JOB_STEPS``: at most this many optimizer steps per job over all its
+    attempts (unset: no cap); past it the job stops with a checkpoint and ends ``failed`` with
+    error code ``budget_exceeded``, not retried (``worker/budget.py``)."""
+    max_job_wall_s: float | None = None
+    """``EFFICIENTLLM_MAX_JOB_WALL_S``: at most this many seconds per job since its first start,
+    over all its attempts (unset: no cap); past it, as for ``max_job_steps``."""
     app_env: str = "production"
     """``APP_ENV``: ``test`` enables the fault hooks below; anything else ignores them."""
     fault: str | None = None
@@ -143,6 +152,8 @@ class Settings:
             "max_active_jobs_per_user": get("EFFICIENTLLM_MAX_ACTIVE_JOBS_PER_USER"),
             "soft_time_limit_s": get("EFFICIENTLLM_SOFT_TIME_LIMIT_S"),
             "time_limit_s": get("EFFICIENTLLM_TIME_LIMIT_S"),
+            "max_job_steps": get("EFFICIENTLLM_MAX_JOB_STEPS"),
+            "max_job_wall_s": get("EFFICIENTLLM_MAX_JOB_WALL_S"),
             "app_env": get("APP_ENV"),
             "fault": get("FAULT"),
             "step_delay_s": get("FAULT_STEP_DELAY_S"),
@@ -154,7 +165,7 @@ class Settings:
                 continue
             if types[name] in ("float", float, "float | None"):
                 value = float(value)  # type: ignore[arg-type]
-            elif types[name] in ("int", int):
+            elif types[name] in ("int", int, "int | None"):
                 value = int(value)  # type: ignore[arg-type]
             out[name] = value
         s = cls(**out)  # type: ignore[arg-type]
@@ -187,6 +198,10 @@ class Settings:
                 f"EFFICIENTLLM_SOFT_TIME_LIMIT_S ({soft}) must be below "
                 f"EFFICIENTLLM_TIME_LIMIT_S ({hard})"
             )
+        if (self.max_job_steps is not None and self.max_job_steps < 1) or (
+            self.max_job_wall_s is not None and self.max_job_wall_s <= 0
+        ):
+            problems.append("EFFICIENTLLM_MAX_JOB_STEPS and _WALL_S must be > 0 (or unset)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -210,6 +225,10 @@ class Settings:
             out["EFFICIENTLLM_SOFT_TIME_LIMIT_S"] = str(self.soft_time_limit_s)
         if self.time_limit_s is not None:
             out["EFFICIENTLLM_TIME_LIMIT_S"] = str(self.time_limit_s)
+        if self.max_job_steps is not None:
+            out["EFFICIENTLLM_MAX_JOB_STEPS"] = str(self.max_job_steps)
+        if self.max_job_wall_s is not None:
+            out["EFFICIENTLLM_MAX_JOB_WALL_S"] = str(self.max_job_wall_s)
         if self.redis_url:
             out["REDIS_URL"] = self.redis_url
         if self.database_url:

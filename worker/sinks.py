@@ -93,6 +93,8 @@ class DbSink:
         self.lease, self.on_lease_lost = lease, on_lease_lost
         self.notifier = Notifier(redis_url)
         self.last_seq = 0
+        self.last_step = 0
+        """The highest training step among the events emitted so far."""
         self.written = 0
         self.lost = False
         """True once the DB refused our lease: nothing more is written."""
@@ -106,6 +108,7 @@ class DbSink:
 
     def emit(self, event: Event) -> None:
         d = event.to_dict()
+        self.last_step = max(self.last_step, event.step)
         with self._lock:
             if self.lost:
                 return

@@ -18,7 +18,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
+from worker.budget import JobBudget
 from worker.celery_app import TASK_NAME, app
 from worker.lease import Heartbeat, sessions, worker_id
 from worker.settings import Settings, get_settings
@@ -112,13 +113,13 @@ def register_export(
     return n
 
 
-def _stop_flag(hb: Heartbeat, settings: Settings):
+def _stop_flag(stop_requested: Callable[[], bool], settings: Settings) -> Callable[[], bool]:
     delay = settings.step_delay_s if settings.testing else 0.0
 
     def should_stop() -> bool:
         if delay:
             time.sleep(delay)
-        return hb.flag.is_set()
+        return stop_requested()
 
     return should_stop
 
@@ -154,7 +155,9 @@ def soft_time_limit_stop(hb: Heartbeat) -> Iterator[threading.Event]:
         signal.signal(sig, previous)  # type: ignore[arg-type]
 
 
-def _run_parallel(cfg: Any, settings: Settings, sink: DbSink, hb: Heartbeat, attempt: int) -> Any:
+def _run_parallel(
+    cfg: Any, settings: Settings, sink: DbSink, stop_requested: Callable[[], bool], attempt: int
+) -> Any:
     """The job on ``settings.gpus_per_job`` rank subprocesses; this process keeps the lease,
     the heartbeat, the DB sink and the cancel. A killed rank takes this process down too (exit
     137, as if it had been killed itself), so the job is retried from its checkpoint."""
@@ -166,7 +169,7 @@ def _run_parallel(cfg: Any, settings: Settings, sink: DbSink, hb: Heartbeat, att
             cfg,
             nprocs=settings.gpus_per_job,
             sink=sink,
-            should_stop=lambda: hb.flag.is_set(),
+            should_stop=stop_requested,
             step_delay_s=settings.step_delay_s if settings.testing else 0.0,
             fault=fault,
         )
@@ -230,17 +233,29 @@ def run(job_id: str, settings: Settings | None = None) -> str:
         lease=lease,
         on_lease_lost=lambda: hb.trip("lease_lost"),
     )
+    budget = JobBudget(settings.max_job_steps, settings.max_job_wall_s, job.started_at)
+    resumed_at = job.last_checkpoint_step or 0
+    over: list[str] = []  # why the job went over its budget
+
+    def stop_requested() -> bool:  # before each step: a cancel, a lost lease or the budget
+        if not hb.flag.is_set() and budget.limited:
+            why = budget.exceeded(max(sink.last_step, resumed_at))
+            if why is not None:
+                over.append(why)
+                hb.trip("budget")
+        return hb.flag.is_set()
+
     with hb, soft_time_limit_stop(hb) as time_up:
         try:
             try:
                 cfg = resolve_demo(RunConfig.from_dict({**job.config, "out_dir": str(out_dir)}))
                 if settings.gpus_per_job > 1:
-                    result = _run_parallel(cfg, settings, sink, hb, job.attempt)
+                    result = _run_parallel(cfg, settings, sink, stop_requested, job.attempt)
                 else:
                     trainer = Trainer(
                         cfg,
                         sink=sink,
-                        should_stop=_stop_flag(hb, settings),
+                        should_stop=_stop_flag(stop_requested, settings),
                         fault=make_fault(settings, job.attempt),
                         may_write=hb.renew,  # no checkpoint/export once the lease is lost
                     )
@@ -258,6 +273,14 @@ def run(job_id: str, settings: Settings | None = None) -> str:
                         "time_limit",
                         f"the job ran past its time limit ({limit}); stopped at step"
                         f" {result.step} with a checkpoint",
+                    )
+                if hb.reason == "budget":
+                    log.warning("job %s: over its budget; stopped at step %d", job_id, result.step)
+                    return finish(
+                        "failed",
+                        "budget_exceeded",
+                        f"the job is over its budget: {over[0]}. It stopped at step"
+                        f" {result.step} with a checkpoint.",
                     )
                 log.warning("job %s: lease lost; leaving it to its new owner", job_id)
                 return "lost"
