@@ -2,7 +2,8 @@
 
 - S11: Hypothesis over the run config's numeric fields: NaN, ±inf, 1e309, huge or negative
   numbers, bools and strings are refused with a ``ConfigError`` that names the field; accepted
-  values lie inside the field's range.
+  values lie inside the field's range; the worker validates a job's config again when it reads
+  it from the DB, so a row tampered with after submission fails cleanly.
 - S1: a pickle with a ``__reduce__`` payload, as an upload or as a model's weights, is refused
   before anything unpickles it: the payload's marker file is never created and ``torch.load`` /
   ``pickle.load`` are never called.
@@ -162,3 +163,44 @@ def test_malicious_safetensors_refused_fast_and_small(tmp_path, case) -> None:
     tracemalloc.stop()
     assert seconds < 5.0, seconds  # the checklist's 1 s, with room for a loaded 2-core box
     assert peak < 100 * 2**20, peak
+
+
+# ---- S11: the worker validates again what it reads from the DB ---------------------------------
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("train", "lr", -0.5), ("train", "total_tokens", "lots"), ("schedule", "start_fraction", 7)],
+)
+def test_worker_refuses_a_config_tampered_in_the_db(tmp_path, section, key, value) -> None:
+    """A job row whose config was edited in the DB after the app validated it (a tampered or
+    corrupted row) ends failed('config_error') naming the field, on attempt 1, before any
+    training: no run folder, no events beyond the failure, no artifacts, not retried."""
+    pytest.importorskip("celery")
+    from sqlalchemy import update
+    from tiny import save_tiny_corpus, save_tiny_source
+    from worker_util import tiny_job_config
+
+    from db import repo
+    from db.engine import make_engine, session_factory, upgrade_to_head
+    from db.models import Job
+    from worker import tasks
+    from worker.settings import Settings
+    from worker.submit import validate_config
+
+    config = validate_config(
+        tiny_job_config(save_tiny_source(tmp_path / "src"), save_tiny_corpus(tmp_path / "c"))
+    )
+    settings = Settings(data_dir=tmp_path)
+    upgrade_to_head(settings.db_url)
+    sm = session_factory(make_engine(settings.db_url))
+    jid = repo.create_job(sm, config=config).id
+    tampered = {**config, section: {**config[section], key: value}}
+    with sm() as s:
+        s.execute(update(Job).where(Job.id == jid).values(config=tampered))
+        s.commit()
+    assert tasks.run(jid, settings) == "failed"
+    assert tasks.run(jid, settings) == "noop"  # a redelivery does not retry it
+    job = repo.get_job(sm, job_id=jid)
+    assert job is not None and (job.error_code, job.attempt) == ("config_error", 1)
+    assert f"{section}.{key}" in (job.error_message or ""), job.error_message
+    assert not (settings.runs_dir / jid).exists()
+    assert repo.metrics(sm, job_id=jid) == [] and repo.artifacts(sm, job_id=jid) == []
