@@ -9,6 +9,7 @@ loses nothing.
 from __future__ import annotations
 
 import functools
+import html
 from typing import Any
 
 import gradio as gr
@@ -78,11 +79,20 @@ def advanced_widgets(defaults: forms.FormValues) -> dict[str, Any]:
     return w
 
 
+def signed_in(request: gr.Request) -> str:
+    """The header line with login on: who is signed in, and the way out."""
+    user = html.escape(getattr(request, "username", None) or "?")
+    return f"Signed in as **{user}** · [Log out](/logout)"
+
+
 def build(ctx: AppContext) -> gr.Blocks:
     """The whole UI."""
     defaults = forms.FormValues()
     with gr.Blocks(title="EfficientLLM") as ui:
         state = gr.State(None)
+        if ctx.users:  # login on: name the user and offer the logout (app.login)
+            whoami = gr.Markdown(elem_id="whoami")
+            ui.load(signed_in, None, whoami)
         with gr.Tabs() as tabs:
             with gr.Tab("New job", id="new"):
                 with gr.Row():

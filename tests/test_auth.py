@@ -172,6 +172,9 @@ def test_login_sets_a_signed_httponly_lax_cookie_and_logout_ends_it(
     cookie = r.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=lax" in cookie and "path=/" in cookie
     assert c.get("/").status_code == 200 and c.get("/gradio_api/user").json() == "alice"
+    # the page's header names the user and links to /logout
+    assert "whoami" in c.get("/config").text
+    assert call(c, "signed_in", []) == ["Signed in as **alice** · [Log out](/logout)"]
     assert c.get("/logout", follow_redirects=False).headers["location"] == "/login"
     assert c.get("/config").status_code == 401
 
@@ -283,6 +286,7 @@ def test_login_off_needs_no_session(
     ctx = make_ctx(tmp_path, None)
     c = client(create_app(ctx))
     assert c.get("/config").status_code == 200
+    assert "whoami" not in c.get("/config").text  # no "Signed in as" header, no logout link
     assert c.get("/", headers={"accept": "text/html"}).status_code == 200
     assert c.get(f"/api/jobs/{'a' * 32}/artifact").status_code == 404
     for i in range(5):  # no per-user limit and any local folder as the model

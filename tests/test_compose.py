@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUR_IMAGE = "efficientllm:latest"
 # read by libraries we call rather than by our own modules (huggingface_hub reads HF_TOKEN)
 THIRD_PARTY_ENV = {"HF_TOKEN"}
+# read by the web app only (app/context.py), so set on the app service alone
+APP_ONLY_ENV = {"EFFICIENTLLM_USERS", "EFFICIENTLLM_SECRET_KEY"}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,8 @@ def _env_read_by_code() -> set[str]:
     names = set(ENV_VARS)
     engine = (ROOT / "db" / "engine.py").read_text(encoding="utf-8")
     names |= set(re.findall(r"environ(?:\.get)?\(\s*[\"']([A-Z0-9_]+)[\"']", engine))
+    context = (ROOT / "app" / "context.py").read_text(encoding="utf-8")
+    names |= set(re.findall(r"env\.get\(\s*[\"']([A-Z0-9_]+)[\"']", context))
     return names
 
 
@@ -79,7 +83,10 @@ def test_urls_point_at_the_services(compose: dict) -> None:
     env = compose["services"]["worker"]["environment"]
     assert env["REDIS_URL"].startswith("redis://redis:")
     assert "@postgres:" in env["DATABASE_URL"] and env["DATABASE_URL"].startswith("postgresql")
-    assert env == {**compose["services"]["app"]["environment"], "EFFICIENTLLM_QUEUE": "gpu"}
+    app_env = compose["services"]["app"]["environment"]
+    assert set(app_env) >= APP_ONLY_ENV  # login can be switched on with a stable session key
+    shared = {k: v for k, v in app_env.items() if k not in APP_ONLY_ENV}
+    assert env == {**shared, "EFFICIENTLLM_QUEUE": "gpu"}
 
 
 def test_redis_is_durable_and_never_evicts(compose: dict) -> None:
