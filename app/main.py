@@ -54,6 +54,11 @@ def create_app(ctx: AppContext | None = None) -> FastAPI:
         max_file_size=ctx.max_upload_bytes,
         show_error=False,
     )
+    # Gradio refuses an event's FileData path outside its upload cache only once the Blocks
+    # "has launched", which launch() records and mount_gradio_app() does not: unset, any client
+    # could name a server file (a secret, another user's dataset) as the dataset upload and
+    # on_upload would copy it in. The flag gates nothing else in Gradio 6.31 (tests S6).
+    blocks.has_launched = True
     if ctx.users:
         api.add_middleware(auth.LoginGate, ctx=ctx)
     return api
