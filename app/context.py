@@ -22,6 +22,7 @@ LOCAL_USER = "local"
 DEFAULT_MAX_UPLOAD_MB = 200
 DEFAULT_SESSION_HOURS = 12
 DEFAULT_MAX_ACTIVE_JOBS = 4
+DEFAULT_QUEUE_MAX_SIZE = 256
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +48,10 @@ class AppContext:
     max_active_jobs: int | None = None
     """With login on: queued + running jobs one user may have
     (``EFFICIENTLLM_MAX_ACTIVE_JOBS_PER_USER``, 0 = none); None (login off): no limit."""
+    queue_max_size: int | None = DEFAULT_QUEUE_MAX_SIZE
+    """Events Gradio's queue holds waiting (``EFFICIENTLLM_QUEUE_MAX_SIZE``, 0 = unbounded);
+    one more is refused with HTTP 503 "Queue is full" (the page shows it) instead of piling up
+    memory and latency under a flood."""
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -89,6 +94,7 @@ def make_context() -> AppContext:
     db.upgrade_to_head(engine)
     env = os.environ
     mb = int(env.get("EFFICIENTLLM_MAX_UPLOAD_MB") or DEFAULT_MAX_UPLOAD_MB)
+    waiting = int(env.get("EFFICIENTLLM_QUEUE_MAX_SIZE") or DEFAULT_QUEUE_MAX_SIZE)
     users = parse_users(env.get("EFFICIENTLLM_USERS"))
     ctx = AppContext(
         sessions=db.session_factory(engine),
@@ -96,6 +102,7 @@ def make_context() -> AppContext:
         users=users,
         max_upload_bytes=mb * 2**20,
         queue=queue,
+        queue_max_size=waiting or None,
     )
     if users:
         secret = env.get("EFFICIENTLLM_SECRET_KEY", "").strip()

@@ -201,4 +201,5 @@ def build(ctx: AppContext) -> gr.Blocks:
         ui.load(h.on_jobs, [jobs_seen], jobs_out)
         job_b.input(h.on_compare, [job_a, job_b], [compare_msg, compare_plot])
         job_a.input(h.on_compare, [job_a, job_b], [compare_msg, compare_plot])
+    ui.queue(max_size=ctx.queue_max_size)  # a flood is refused (503), not queued without end
     return ui

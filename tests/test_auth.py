@@ -297,11 +297,19 @@ def test_login_off_needs_no_session(
 def test_context_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.context import make_context
 
-    for name in ("REDIS_URL", "DATABASE_URL", "EFFICIENTLLM_MODELS_DIR"):
+    for name in (
+        "REDIS_URL",
+        "DATABASE_URL",
+        "EFFICIENTLLM_MODELS_DIR",
+        "EFFICIENTLLM_QUEUE_MAX_SIZE",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("EFFICIENTLLM_DATA", str(tmp_path / "data"))
     off = make_context()
     assert (off.users, off.models_dir, off.max_active_jobs) == (None, None, None)
+    assert off.queue_max_size == 256
+    monkeypatch.setenv("EFFICIENTLLM_QUEUE_MAX_SIZE", "0")
+    assert make_context().queue_max_size is None  # 0: unbounded
     monkeypatch.setenv("EFFICIENTLLM_USERS", "alice:pw-a")
     monkeypatch.setenv("EFFICIENTLLM_SECRET_KEY", "s3cret")
     monkeypatch.setenv("EFFICIENTLLM_MAX_ACTIVE_JOBS_PER_USER", "7")
