@@ -56,23 +56,11 @@ def active_jobs(session: Session | sessionmaker[Session], *, owner: str) -> int:
         return int(s.scalar(stmt) or 0)
 
 
-def check_job_limit(
-    session: Session | sessionmaker[Session], *, owner: str, max_active: int | None
-) -> None:
-    """Raise ``JobLimitError`` if ``owner`` already has ``max_active`` queued + running jobs.
-
-    Check and insert are two statements: two submissions of one user racing each other could
-    both pass. The app runs each event listener one call at a time (Gradio's default
-    ``concurrency_limit=1``), so its launches cannot race; other callers get a soft limit.
-    """
-    if not max_active:
-        return
-    n = active_jobs(session, owner=owner)
-    if n >= max_active:
-        raise JobLimitError(
-            f"you already have {n} jobs queued or running (at most {max_active} per user); "
-            "wait for one to finish or cancel one"
-        )
+def _limit_error(active: int, limit: int) -> JobLimitError:
+    return JobLimitError(
+        f"you already have {active} jobs queued or running (at most {limit} per user); "
+        "wait for one to finish or cancel one"
+    )
 
 
 def submit_job(
@@ -98,16 +86,19 @@ def submit_job(
         from worker.celery_app import app as celery
     settings = getattr(celery, "efficientllm_settings", None) or get_settings()
     checked = validate_config(config)
-    check_job_limit(session, owner=owner, max_active=max_active)
     queue = queue or settings.queue
-    job = repo.create_job(
-        session,
-        config=checked,
-        owner=owner,
-        name=name,
-        queue=queue,
-        max_attempts=max_attempts or settings.max_attempts,
-    )
+    try:  # count and insert in one transaction: concurrent submissions cannot both pass
+        job = repo.create_job(
+            session,
+            config=checked,
+            owner=owner,
+            name=name,
+            queue=queue,
+            max_attempts=max_attempts or settings.max_attempts,
+            max_active=max_active,
+        )
+    except repo.ActiveLimit as err:
+        raise _limit_error(err.active, err.limit) from None
     try:
         enqueue(job.id, queue=queue, sm=session, celery=celery)
     except Exception as err:  # the row is durable; the reaper sends it later

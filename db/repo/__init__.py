@@ -35,6 +35,7 @@ from db.repo.generation import (
     unsent_generations,
 )
 from db.repo.job import (
+    ActiveLimit,
     cancel_requested,
     claim_job,
     create_job,
@@ -51,6 +52,7 @@ from db.repo.send import mark_sent, set_celery_task_id, unsent_jobs
 
 __all__ = [
     "MAX_ERROR_MESSAGE",
+    "ActiveLimit",
     "Lease",
     "LeaseLost",
     "SessionLike",

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
 
-from db.models import TERMINAL_STATUSES, Job, utcnow
+from db.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, utcnow
 from db.repo._session import (
     Lease,
     SessionLike,
@@ -35,6 +35,14 @@ def _ours(worker_id: str, attempt: int | None) -> ColumnElement[bool]:
     return holds(Job, Lease(worker_id, attempt))
 
 
+class ActiveLimit(RuntimeError):
+    """The owner already has ``active`` queued + running jobs, at most ``limit`` allowed."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(f"{active} active jobs, at most {limit}")
+        self.active, self.limit = active, limit
+
+
 def create_job(
     s: SessionLike,
     *,
@@ -44,11 +52,29 @@ def create_job(
     queue: str = "gpu",
     max_attempts: int = 3,
     job_id: str | None = None,
+    max_active: int | None = None,
 ) -> Job:
-    """Insert a queued job and commit it (before anything is enqueued on the broker)."""
+    """Insert a queued job and commit it (before anything is enqueued on the broker).
+
+    ``max_active``: count ``owner``'s queued + running jobs and insert in one transaction,
+    serialised per owner (SQLite: every write transaction is ``BEGIN IMMEDIATE``; PostgreSQL: a
+    transaction-scoped advisory lock on the owner), so concurrent submissions cannot both pass
+    the cap; ``ActiveLimit`` (nothing inserted) when the owner is at it.
+    """
     if max_attempts < 1:
         raise ValueError("max_attempts must be >= 1")
     with scope(s) as session:
+        if max_active:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner))))
+            active = session.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.owner == owner, Job.status.in_(sorted(ACTIVE_STATUSES)))
+            )
+            if int(active or 0) >= max_active:
+                session.rollback()
+                raise ActiveLimit(int(active or 0), max_active)
         job = Job(config=config, owner=owner, name=name, queue=queue, max_attempts=max_attempts)
         if job_id is not None:
             job.id = job_id
