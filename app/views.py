@@ -82,7 +82,7 @@ def advanced_widgets(defaults: forms.FormValues) -> dict[str, Any]:
 def signed_in(request: gr.Request) -> str:
     """The header line with login on: who is signed in, and the way out."""
     user = html.escape(getattr(request, "username", None) or "?")
-    return f"Signed in as **{user}** · [Log out](/logout)"
+    return f'Signed in as <b>{user}</b> · <a href="/logout" target="_self">Log out</a>'
 
 
 def build(ctx: AppContext) -> gr.Blocks:
@@ -91,7 +91,7 @@ def build(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="EfficientLLM") as ui:
         state = gr.State(None)
         if ctx.users:  # login on: name the user and offer the logout (app.login)
-            whoami = gr.Markdown(elem_id="whoami")
+            whoami = gr.HTML(elem_id="whoami")  # HTML: Markdown links open a new tab
             ui.load(signed_in, None, whoami)
         with gr.Tabs() as tabs:
             with gr.Tab("New job", id="new"):

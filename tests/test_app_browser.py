@@ -225,6 +225,12 @@ def test_launch_watch_cancel_download(server, tmp_path: Path) -> None:
         assert bob.locator("ul[role='listbox'] li", has_text=first[:8]).count() == 0
         assert bob.request.get(f"{url}/api/jobs/{first}/artifact").status == 404
         assert bob.request.get(f"{url}/api/jobs/{first}/artifact?format=gguf").status == 404
+        # the header names the user; its "Log out" link ends the session
+        bob.locator("#whoami", has_text="Signed in as bob").wait_for()
+        bob.locator("#whoami").get_by_role("link", name="Log out").click()
+        bob.get_by_label("username").wait_for()  # back on the login page
+        assert bob.url.rstrip("/").endswith("/login")
+        assert bob.request.get(f"{url}/config").status == 401
         browser.close()
 
     import urllib.error
