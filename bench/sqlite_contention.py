@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     got = {r["role"]: r for r in (out.get(timeout=args.duration + 120) for _ in procs)}
     for p in procs:
         p.join(timeout=30)
+    shutil.rmtree(tmp, ignore_errors=True)
     w, r = got["worker"], got["web"]
     return {
         "duration_s": args.duration,
