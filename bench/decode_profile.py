@@ -16,7 +16,7 @@ cross-check: ``linear replay`` times every ``nn.Linear`` (LM head apart) on a on
 up only about. ``excess`` = a row's ms minus the source's ms / parameter ratio (the ideal).
 ``--llamacpp`` adds llama.cpp f16 decode: wall vs llama.cpp's own eval time (llama_perf_context).
 
-    python -m bench.decode_profile --llamacpp      # ~6 min on 2 cores (+ ~3 min of exports)
+    python -m bench.decode_profile --llamacpp      # ~5 min on 2 cores (+ ~4 min of exports)
     python -m bench.decode_profile --reps 5 --models /tmp/dp   # keep / reuse the exports there
 
 Writes bench/results/decode_profile/results.json and results.md and prints the table.
