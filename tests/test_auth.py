@@ -265,19 +265,19 @@ def test_per_user_limit_refuses_the_next_job_with_a_message(
 
 
 def test_submit_job_limit_counts_queued_and_running(ctx: AppContext, sent: list[str]) -> None:
-    from worker.submit import JobLimitError, active_jobs, submit_job
+    from worker.submit import JobLimitError, submit_job
 
     fv = forms.FormValues(preset="tiny-debug", model="org/m")
     config = forms.form_to_config(fv, owner="u", data_root=ctx.data_dir)
     ids = [submit_job(ctx.sessions, config=config, owner="u", max_active=2) for _ in range(2)]
     with pytest.raises(JobLimitError, match="at most 2 per user"):
         submit_job(ctx.sessions, config=config, owner="u", max_active=2)
-    assert active_jobs(ctx.sessions, owner="u") == 2 and len(sent) == 2
+    assert repo.active_jobs(ctx.sessions, owner="u") == 2 and len(sent) == 2
     repo.claim_job(ctx.sessions, job_id=ids[0], worker_id="w:1", ttl_s=60)  # running counts
     with pytest.raises(JobLimitError):
         submit_job(ctx.sessions, config=config, owner="u", max_active=2)
     submit_job(ctx.sessions, config=config, owner="u")  # no limit given: none applied
-    assert active_jobs(ctx.sessions, owner="u") == 3
+    assert repo.active_jobs(ctx.sessions, owner="u") == 3
 
 
 # ---- login off: the single-user app, unchanged ---------------------------------------------

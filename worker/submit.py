@@ -39,23 +39,6 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return RunConfig.from_dict(config).to_dict()
 
 
-def active_jobs(session: Session | sessionmaker[Session], *, owner: str) -> int:
-    """How many of ``owner``'s jobs are queued or running."""
-    from sqlalchemy import func, select
-
-    from db.models import ACTIVE_STATUSES, Job
-
-    stmt = (
-        select(func.count())
-        .select_from(Job)
-        .where(Job.owner == owner, Job.status.in_(sorted(ACTIVE_STATUSES)))
-    )
-    if isinstance(session, Session):
-        return int(session.scalar(stmt) or 0)
-    with session() as s:
-        return int(s.scalar(stmt) or 0)
-
-
 def _limit_error(active: int, limit: int) -> JobLimitError:
     return JobLimitError(
         f"you already have {active} jobs queued or running (at most {limit} per user); "

@@ -36,6 +36,7 @@ from db.repo.generation import (
 )
 from db.repo.job import (
     ActiveLimit,
+    active_jobs,
     cancel_requested,
     claim_job,
     create_job,
@@ -53,6 +54,7 @@ from db.repo.send import mark_sent, set_celery_task_id, unsent_jobs
 __all__ = [
     "MAX_ERROR_MESSAGE",
     "ActiveLimit",
+    "active_jobs",
     "Lease",
     "LeaseLost",
     "SessionLike",

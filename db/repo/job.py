@@ -43,6 +43,17 @@ class ActiveLimit(RuntimeError):
         self.active, self.limit = active, limit
 
 
+def active_jobs(s: SessionLike, *, owner: str) -> int:
+    """How many of ``owner``'s jobs are queued or running."""
+    stmt = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.owner == owner, Job.status.in_(sorted(ACTIVE_STATUSES)))
+    )
+    with scope(s) as session:
+        return int(session.scalar(stmt) or 0)
+
+
 def create_job(
     s: SessionLike,
     *,
@@ -67,14 +78,10 @@ def create_job(
         if max_active:
             if session.get_bind().dialect.name == "postgresql":
                 session.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner))))
-            active = session.scalar(
-                select(func.count())
-                .select_from(Job)
-                .where(Job.owner == owner, Job.status.in_(sorted(ACTIVE_STATUSES)))
-            )
-            if int(active or 0) >= max_active:
+            active = active_jobs(session, owner=owner)
+            if active >= max_active:
                 session.rollback()
-                raise ActiveLimit(int(active or 0), max_active)
+                raise ActiveLimit(active, max_active)
         job = Job(config=config, owner=owner, name=name, queue=queue, max_attempts=max_attempts)
         if job_id is not None:
             job.id = job_id
