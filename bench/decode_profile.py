@@ -29,7 +29,6 @@ import json
 import logging
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.speed import MODELS, LlamaCppArm, TorchArm, prepare
+from bench.speed import MODELS, LlamaCppArm, TorchArm, prepare, write_results
 
 log = logging.getLogger("bench.decode_profile")
 OUT = Path(__file__).resolve().parent / "results" / "decode_profile"
@@ -339,11 +338,7 @@ def main() -> None:
         machine=f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
         seconds=round(time.perf_counter() - t0, 1),
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    md = markdown(result)
-    (args.out / "results.md").write_text(md, encoding="utf-8")
-    sys.stdout.write(md)
+    write_results(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

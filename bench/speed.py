@@ -256,6 +256,14 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(out: Path, result: dict[str, Any], md: str) -> None:
+    """``out``/results.json and results.md (the table, also printed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "results.md").write_text(md, encoding="utf-8")
+    sys.stdout.write(md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompt", type=int, default=256, help="prompt tokens (prefill)")
@@ -281,11 +289,7 @@ def main() -> None:
         f"llama-cpp-python {llama_cpp.__version__}",
         seconds=round(time.perf_counter() - t0, 1),
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    md = markdown(result)
-    (args.out / "results.md").write_text(md, encoding="utf-8")
-    sys.stdout.write(md)
+    write_results(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":
